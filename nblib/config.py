@@ -1,0 +1,281 @@
+"""One typed run configuration: preset + notebook parameters, validated before any heavy work."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import paths
+
+PRESETS = ("kaggle-t4", "cpu-demo", "smoke")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+BUILTIN_DATASETS = ("builtin:python-docs",)
+GPT2_VOCAB_SIZE = 50257
+BPE_SPEC = re.compile(r"^bpe:(\d+)$")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str  # Hub id, local path/glob, save_to_disk dir or builtin:python-docs
+    dataset_config: str  # Hub configuration name, "" for none
+    text_column: str  # column that holds the text
+    tokenizer: str  # "gpt2", "bpe:<vocab size>" or a saved tokenizer directory
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int | None  # None: the tokenizer's size
+    n_positions: int  # longest context the model can see
+    n_embd: int  # width of the residual stream
+    n_layer: int  # transformer blocks
+    n_head: int  # attention heads per block
+    n_inner: int  # hidden width of each MLP
+    dropout: float = 0.1  # GPT2Config's default for all dropouts
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int  # micro-batch: blocks per forward pass
+    gradient_accumulation_steps: int  # micro-batches per optimizer step
+    learning_rate: float  # peak learning rate after warm-up
+    weight_decay: float  # AdamW decay on matrices only
+    max_grad_norm: float  # gradient clipping threshold
+    epochs: int  # passes over the training blocks (when max_steps is 0)
+    max_steps: int  # optimizer steps; 0 derives them from epochs
+    warmup_steps: int  # linear warm-up before cosine decay
+    max_length: int  # tokens per training block (context length)
+    save_steps: int  # checkpoint every this many optimizer steps
+    eval_steps: int  # evaluate every this many optimizer steps
+    max_checkpoints: int  # most recent checkpoints kept
+    precision: str  # auto, fp32, fp16 or bf16
+    seed: int  # seeds weights, data order and dropout
+    eval_batches: int = 50  # validation batches per evaluation (a fixed subset)
+
+    @property
+    def effective_batch(self) -> int:
+        """Blocks per optimizer step."""
+        return self.batch_size * self.gradient_accumulation_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.effective_batch * self.max_length
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: str
+    output_dir: Path
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    resume_from_checkpoint: str  # "", a checkpoint path, or "auto"
+    dry_run: bool  # print the resolved config and stop
+    prompts: tuple[str, ...] = ()  # prompts for the samples shown after training
+    max_new_tokens: int = 60  # length of each generated sample
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (stored in checkpoints and beside the run)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def describe(self) -> str:
+        """Readable multi-line summary for the notebook."""
+        t = self.train
+        lines = [f"preset {self.preset}, output_dir {self.output_dir}"]
+        for name, part in (("data", self.data), ("model", self.model), ("train", self.train)):
+            items = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(part).items())
+            lines.append(f"{name}: {items}")
+        lines.append(f"effective batch: {t.batch_size} x {t.gradient_accumulation_steps} = "
+                     f"{t.effective_batch} blocks = {t.tokens_per_step:,} tokens per step")
+        lines.append(f"resume_from_checkpoint={self.resume_from_checkpoint!r}, dry_run={self.dry_run}")
+        return "\n".join(lines)
+
+
+# Every preset names every value, so `None` in the notebook always has a meaning.
+PRESET_VALUES: dict[str, dict[str, Any]] = {
+    # The Kaggle training guide's CONFIG, on WikiText-103 with the GPT-2 tokenizer.
+    "kaggle-t4": dict(
+        dataset="Salesforce/wikitext", dataset_config="wikitext-103-raw-v1", tokenizer="gpt2",
+        vocab_size=GPT2_VOCAB_SIZE, n_positions=512, n_embd=256, n_layer=8, n_head=8, n_inner=1024,
+        batch_size=8, gradient_accumulation_steps=8, learning_rate=5e-4, weight_decay=0.01,
+        max_grad_norm=1.0, epochs=3, max_steps=0, warmup_steps=500, max_length=512,
+        save_steps=1000, eval_steps=500, max_checkpoints=4, eval_batches=100,
+        prompts=("The history of", "In 1998 , the"),
+    ),
+    # About ten minutes on a 2-core CPU, on the offline built-in corpus.
+    "cpu-demo": dict(
+        dataset="builtin:python-docs", dataset_config="", tokenizer="bpe:4096",
+        vocab_size=None, n_positions=256, n_embd=256, n_layer=4, n_head=4, n_inner=1024,
+        batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-3, weight_decay=0.1,
+        max_grad_norm=1.0, epochs=1, max_steps=900, warmup_steps=50, max_length=128,
+        save_steps=200, eval_steps=100, max_checkpoints=4, eval_batches=20,
+        prompts=("Return the", "The default value", "This module provides"),
+    ),
+    # Seconds, for CI: a tiny model on a tiny tokenizer, a few dozen steps.
+    "smoke": dict(
+        dataset="builtin:python-docs", dataset_config="", tokenizer="bpe:512",
+        vocab_size=None, n_positions=64, n_embd=64, n_layer=2, n_head=2, n_inner=256,
+        batch_size=8, gradient_accumulation_steps=2, learning_rate=3e-3, weight_decay=0.01,
+        max_grad_norm=1.0, epochs=1, max_steps=40, warmup_steps=5, max_length=64,
+        save_steps=10, eval_steps=10, max_checkpoints=2, eval_batches=4,
+        prompts=("Return the",),
+    ),
+}
+
+# Values no preset changes; "" and None in the notebook fall back to these.
+PARAMETER_DEFAULTS = dict(output_dir="", text_column="text", precision="auto", seed=42,
+                          resume_from_checkpoint="", dry_run=False)
+
+PARAMETERS = (
+    "preset", "output_dir", "dataset", "dataset_config", "text_column", "tokenizer",
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+    "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm",
+    "epochs", "max_steps", "warmup_steps", "max_length", "save_steps", "eval_steps",
+    "max_checkpoints", "resume_from_checkpoint", "precision", "seed", "dry_run",
+)
+
+
+def resolve(params: Mapping[str, Any]) -> RunConfig:
+    """Build the validated RunConfig from the notebook's parameters.
+
+    Args:
+        params: the parameters cell's names and values (extra names, such as the rest of a
+            notebook's `globals()`, are ignored). `None` or `""` means "the preset's value".
+
+    Raises:
+        ValueError: naming every offending parameter, its value and what is allowed.
+    """
+    given = {k: params[k] for k in PARAMETERS if k in params}
+    preset = given.get("preset") or "kaggle-t4"
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r}: must be one of {', '.join(PRESETS)}")
+    merged = {**PARAMETER_DEFAULTS, **PRESET_VALUES[preset]}
+    merged.update({k: v for k, v in given.items() if v is not None and v != ""})
+    problems = _check_types(merged)
+    if problems:
+        raise ValueError(_format(problems))
+    cfg = _build(preset, merged)
+    problems = validate(cfg)
+    if problems:
+        raise ValueError(_format(problems))
+    return cfg
+
+
+def _build(preset: str, v: dict[str, Any]) -> RunConfig:
+    def pick(cls):
+        return cls(**{f.name: v[f.name] for f in dataclasses.fields(cls) if f.name in v})
+
+    output_dir = Path(v["output_dir"]) if v["output_dir"] else paths.default_output_dir(preset)
+    return RunConfig(
+        preset=preset, output_dir=output_dir,
+        data=pick(DataConfig), model=pick(ModelConfig), train=pick(TrainConfig),
+        resume_from_checkpoint=str(v["resume_from_checkpoint"]), dry_run=v["dry_run"],
+        prompts=tuple(v["prompts"]),
+    )
+
+
+_INTS = ("n_positions", "n_embd", "n_layer", "n_head", "n_inner", "batch_size",
+         "gradient_accumulation_steps", "epochs", "max_steps", "warmup_steps", "max_length",
+         "save_steps", "eval_steps", "max_checkpoints", "seed")
+_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm")
+
+
+def _check_types(v: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for name in _INTS + ("vocab_size",):
+        value = v[name]
+        if name == "vocab_size" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{name}={value!r}: must be an integer")
+    for name in _FLOATS:
+        if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
+            problems.append(f"{name}={v[name]!r}: must be a number")
+    for name in ("dataset", "dataset_config", "text_column", "tokenizer", "precision",
+                 "resume_from_checkpoint", "output_dir"):
+        if not isinstance(v[name], (str, Path)):
+            problems.append(f"{name}={v[name]!r}: must be a string")
+    if not isinstance(v["dry_run"], bool):
+        problems.append(f"dry_run={v['dry_run']!r}: must be True or False")
+    return problems
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Every problem with a resolved config, as 'name=value: what is allowed' lines."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    problems = []
+    positive = dict(n_positions=m.n_positions, n_embd=m.n_embd, n_layer=m.n_layer,
+                    n_head=m.n_head, n_inner=m.n_inner, batch_size=t.batch_size,
+                    gradient_accumulation_steps=t.gradient_accumulation_steps,
+                    epochs=t.epochs, max_length=t.max_length, save_steps=t.save_steps,
+                    eval_steps=t.eval_steps, max_checkpoints=t.max_checkpoints,
+                    learning_rate=t.learning_rate, max_grad_norm=t.max_grad_norm)
+    problems += [f"{k}={v!r}: must be > 0" for k, v in positive.items() if v <= 0]
+    non_negative = dict(max_steps=t.max_steps, warmup_steps=t.warmup_steps,
+                        weight_decay=t.weight_decay, seed=t.seed)
+    problems += [f"{k}={v!r}: must be >= 0" for k, v in non_negative.items() if v < 0]
+    if m.n_head > 0 and m.n_embd % m.n_head:
+        problems.append(f"n_embd={m.n_embd!r}: must be divisible by n_head={m.n_head}")
+    if t.max_length > m.n_positions:
+        problems.append(f"max_length={t.max_length!r}: must be <= n_positions={m.n_positions}")
+    if t.precision not in PRECISIONS:
+        problems.append(f"precision={t.precision!r}: must be one of {', '.join(PRECISIONS)}")
+    problems += _validate_tokenizer(d.tokenizer, m.vocab_size)
+    problems += _validate_dataset(d.dataset)
+    if cfg.resume_from_checkpoint not in ("", "auto") and not Path(cfg.resume_from_checkpoint).is_file():
+        problems.append(f"resume_from_checkpoint={cfg.resume_from_checkpoint!r}: no such file "
+                        "(use '' for a fresh run or 'auto' for the newest checkpoint)")
+    return problems
+
+
+def tokenizer_vocab_size(spec: str) -> int | None:
+    """The vocabulary a tokenizer spec will have, when knowable without loading heavy data."""
+    if spec == "gpt2":
+        return GPT2_VOCAB_SIZE
+    match = BPE_SPEC.match(spec)
+    if match:
+        return int(match.group(1))
+    from transformers import AutoTokenizer  # local directory only: no network
+
+    return len(AutoTokenizer.from_pretrained(spec))
+
+
+def _validate_tokenizer(spec: str, vocab_size: int | None) -> list[str]:
+    match = BPE_SPEC.match(spec)
+    if match and not 260 <= int(match.group(1)) <= 1_000_000:
+        return [f"tokenizer={spec!r}: bpe vocabulary must be between 260 and 1000000"]
+    if not match and spec != "gpt2" and not (Path(spec) / "tokenizer_config.json").is_file():
+        return [f"tokenizer={spec!r}: must be 'gpt2', 'bpe:<vocab size>' (e.g. 'bpe:8192') "
+                "or a directory saved with tokenizer.save_pretrained"]
+    if vocab_size is None:
+        return []
+    if vocab_size <= 0:
+        return [f"vocab_size={vocab_size!r}: must be > 0"]
+    needed = tokenizer_vocab_size(spec)
+    if vocab_size < needed:
+        return [f"vocab_size={vocab_size!r}: smaller than the tokenizer's {needed} tokens "
+                f"(tokenizer={spec!r}); use None to take the tokenizer's size"]
+    return []
+
+
+def is_local_dataset(spec: str) -> bool:
+    """Local path or glob, as opposed to a Hub id such as 'Salesforce/wikitext'."""
+    return (spec.startswith(("/", ".", "~")) or any(c in spec for c in "*?[")
+            or spec.endswith((".txt", ".jsonl", ".json", ".parquet")) or Path(spec).exists())
+
+
+def _validate_dataset(spec: str) -> list[str]:
+    if spec.startswith("builtin:") and spec not in BUILTIN_DATASETS:
+        return [f"dataset={spec!r}: the built-in corpora are {', '.join(BUILTIN_DATASETS)}"]
+    if spec.startswith("builtin:") or not is_local_dataset(spec):
+        return []
+    if not glob.glob(str(Path(spec).expanduser())):
+        return [f"dataset={spec!r}: no such file, directory or glob match"]
+    return []
+
+
+def _format(problems: list[str]) -> str:
+    return "Invalid notebook parameters:\n  - " + "\n  - ".join(problems)

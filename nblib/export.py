@@ -1,0 +1,42 @@
+"""The deliverable: `final_model/` in Hugging Face format, loadable by `pipeline("text-generation")`."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+from . import checkpoint, files
+
+log = logging.getLogger(__name__)
+
+FINAL_MODEL = "final_model"
+
+
+def load_best_weights(model: PreTrainedModel, run_dir: Path) -> bool:
+    """Put `best_model.pt`'s weights into `model`; False (weights unchanged) when there is none."""
+    best = Path(run_dir) / checkpoint.BEST_MODEL
+    if not best.is_file():
+        return False
+    model.load_state_dict(checkpoint.load(best)["model_state_dict"])
+    return True
+
+
+def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_dir: Path,
+                max_new_tokens: int = 60) -> Path:
+    """Write model (safetensors), config, generation config and tokenizer to `run_dir/final_model`.
+
+    The directory is swapped in whole, so a kill mid-export keeps the previous export.
+    """
+    model.generation_config = GenerationConfig(
+        do_sample=True, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=max_new_tokens,
+        bos_token_id=model.config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id)
+
+    def fill(directory: Path) -> None:
+        model.save_pretrained(str(directory))
+        tokenizer.save_pretrained(str(directory))
+
+    path = files.atomic_directory(Path(run_dir) / FINAL_MODEL, fill)
+    log.info("exported %s", path)
+    return path

@@ -1,0 +1,45 @@
+"""Text samples from a trained model, in the notebook or from the command line."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+
+
+@torch.no_grad()
+def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str],
+            max_new_tokens: int = 60, seed: int = 0) -> list[str]:
+    """One sampled continuation per prompt (the model's generation config sets the sampling)."""
+    model.eval()
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)
+    texts = []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True,
+                                pad_token_id=tokenizer.eos_token_id)
+        texts.append(tokenizer.decode(output[0], skip_special_tokens=True))
+    return texts
+
+
+def load(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A model and tokenizer from a Hugging Face directory such as `final_model/`."""
+    return AutoModelForCausalLM.from_pretrained(str(model_dir)), AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Generate text with a trained final_model/")
+    parser.add_argument("--model", required=True, type=Path, help="a final_model directory")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for several")
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    model, tokenizer = load(args.model)
+    for text in samples(model, tokenizer, args.prompt, args.max_new_tokens, args.seed):
+        print(text, end="\n\n")
+
+
+if __name__ == "__main__":
+    main()

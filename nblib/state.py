@@ -1,0 +1,87 @@
+"""TrainState: everything a resume needs, and its conversion to and from a checkpoint dict."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    batch_size: int  # micro-batch in use (OOM recovery may lower it)
+    gradient_accumulation_steps: int  # raised with it, so the effective batch stays fixed
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current pass over the training blocks
+    position: int = 0  # blocks of this epoch's shuffled order already consumed
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    train_loss: float = math.nan  # mean training loss since the last evaluation
+    val_loss: float = math.nan  # latest validation loss
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint that `torch.load(path, weights_only=True)` can read: tensors and primitives."""
+        return {
+            "model_state_dict": self.model.state_dict(),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "scheduler_state_dict": self.scheduler.state_dict(),
+            "scaler_state_dict": self.scaler.state_dict() if self.scaler else None,
+            "epoch": self.epoch, "step": self.step, "position": self.position,
+            "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss,
+            "train_loss": self.train_loss, "val_loss": self.val_loss,
+            "batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "rng_state": capture_rng(), "history": list(self.history), "config": config,
+        }
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        """Restore from a checkpoint dict (tensors may be on any device)."""
+        self.model.load_state_dict(checkpoint["model_state_dict"])
+        self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+        self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
+        if self.scaler and checkpoint.get("scaler_state_dict"):
+            self.scaler.load_state_dict(checkpoint["scaler_state_dict"])
+        for name in ("epoch", "step", "position", "tokens_seen", "best_val_loss", "train_loss",
+                     "val_loss", "batch_size", "gradient_accumulation_steps"):
+            setattr(self, name, checkpoint[name])
+        self.history = list(checkpoint["history"])
+        restore_rng(checkpoint["rng_state"])
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as lists and tensors (numpy arrays don't load safely)."""
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(rng["python"]))
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(rng["torch"].cpu())
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]][: torch.cuda.device_count()])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; call before building the model so weights repeat."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,258 @@
+"""The training loop: AdamW, warm-up + cosine, accumulation, clipping, evaluation and checkpoints."""
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import checkpoint, files
+from .config import RunConfig
+from .data import Corpus
+from .hardware import Device
+from .state import TrainState
+
+log = logging.getLogger(__name__)
+
+MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak, as nanoGPT does
+
+
+class StopReason(str, enum.Enum):
+    COMPLETED = "completed"
+    TIME_BUDGET = "time budget"
+    INTERRUPTED = "interrupted"
+    BAD_LOSS = "bad loss"
+    OUT_OF_MEMORY = "out of memory at micro-batch 1"
+
+
+@dataclass
+class RunResult:
+    state: TrainState
+    stop_reason: StopReason
+    run_dir: Path
+    elapsed_seconds: float
+
+    @property
+    def history(self) -> list[dict]:
+        return self.state.history
+
+    def describe(self) -> str:
+        s = self.state
+        return (f"{self.stop_reason.value}: {s.step} steps, {s.tokens_seen:,} tokens in "
+                f"{self.elapsed_seconds:.0f} s; best validation loss {s.best_val_loss:.4f} "
+                f"(perplexity {perplexity(s.best_val_loss):.1f})")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warm-up, then cosine decay."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def total_steps(cfg: RunConfig, n_train_blocks: int) -> int:
+    """`max_steps`, or `epochs` full passes when it is 0."""
+    per_epoch = n_train_blocks // cfg.train.effective_batch
+    if per_epoch == 0:
+        raise ValueError(f"the training split has {n_train_blocks} blocks of max_length="
+                         f"{cfg.train.max_length}, fewer than one optimizer step's "
+                         f"{cfg.train.effective_batch}: lower batch_size, "
+                         "gradient_accumulation_steps or max_length, or use more data")
+    return cfg.train.max_steps or cfg.train.epochs * per_epoch
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: Device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, norms); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(0.9, 0.95),
+                             fused=device.is_cuda)
+
+
+def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int) -> TrainState:
+    model.to(device.device)
+    optimizer = build_optimizer(model, cfg, device)
+    schedule = partial(lr_factor, warmup_steps=cfg.train.warmup_steps, total_steps=steps)
+    return TrainState(
+        model=model, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        scaler=torch.amp.GradScaler(device.device.type) if device.uses_grad_scaler else None,
+        batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+
+
+def epoch_order(n_blocks: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled block order of one epoch: a pure function of seed and epoch."""
+    return np.random.default_rng([seed, epoch]).permutation(n_blocks)
+
+
+def next_step_blocks(state: TrainState, n_blocks: int, seed: int, effective_batch: int) -> np.ndarray:
+    """Indices of the blocks for the next optimizer step; moves the data position on."""
+    if state.position + effective_batch > n_blocks:  # the epoch's remainder is dropped
+        state.epoch, state.position = state.epoch + 1, 0
+    order = epoch_order(n_blocks, seed, state.epoch)
+    indices = order[state.position: state.position + effective_batch]
+    state.position += effective_batch
+    return indices
+
+
+def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) token blocks -> inputs and targets, each (B, T) int64 on the device."""
+    tokens = torch.from_numpy(blocks.astype(np.int64))
+    if device.is_cuda:
+        tokens = tokens.pin_memory().to(device.device, non_blocking=True)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: Device) -> torch.Tensor:
+    with device.autocast():
+        logits = model(input_ids=inputs).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_grad_norm: float) -> tuple[float, float] | None:
+    """One optimizer step over `blocks`, in micro-batches of `state.batch_size`.
+
+    Returns (mean loss, gradient norm), or None when the step was skipped because the loss
+    or the gradient norm was not finite.
+    """
+    model, optimizer = state.model, state.optimizer
+    model.train()
+    micro_batches = np.array_split(blocks, state.gradient_accumulation_steps)
+    loss_sum = torch.zeros((), device=device.device)  # summed on the device: no sync per micro-step
+    for micro in micro_batches:
+        inputs, targets = to_batch(micro, device)
+        loss = loss_of(model, inputs, targets, device) * (len(micro) / len(blocks))
+        (state.scaler.scale(loss) if state.scaler else loss).backward()
+        loss_sum += loss.detach()
+    if state.scaler:
+        state.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    loss_value, norm_value = loss_sum.item(), grad_norm.item()
+    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+    if state.scaler:
+        state.scaler.step(optimizer)  # skips the update itself on inf/nan gradients
+        state.scaler.update()
+    elif finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    return (loss_value, norm_value) if finite else None
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, blocks: np.ndarray, device: Device, batch_size: int, max_batches: int) -> float:
+    """Mean loss over the first `max_batches` batches of `blocks` (the same subset every time)."""
+    model.eval()
+    n = min(len(blocks), batch_size * max_batches)
+    total, count = torch.zeros((), device=device.device), 0
+    for start in range(0, n, batch_size):
+        inputs, targets = to_batch(blocks[start:start + batch_size], device)
+        total += loss_of(model, inputs, targets, device) * len(inputs)
+        count += len(inputs)
+    return (total / max(count, 1)).item()
+
+
+def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) -> RunResult:
+    """Train `model` on `corpus` as `cfg` says, resuming when asked; returns the outcome.
+
+    Writes checkpoints, `best_model.pt` and `training_history.json` under `cfg.output_dir`.
+    """
+    run_dir = cfg.output_dir
+    files.remove_temporaries(run_dir)
+    files.remove_temporaries(checkpoint.checkpoint_dir(run_dir))
+    train_blocks, val_blocks = corpus.blocks("train"), corpus.blocks("validation")
+    steps = total_steps(cfg, len(train_blocks))
+    state = new_state(cfg, device, model, steps)
+    config = cfg.to_dict()
+    resumed = checkpoint.find_resume(run_dir, cfg.resume_from_checkpoint)
+    if resumed:
+        checkpoint.check_compatible(resumed[1], config, resumed[0])
+        state.load_state_dict(resumed[1])
+        log.info("resumed from %s at step %d", resumed[0], state.step)
+    files.write_json(run_dir / "run_config.json", config)
+
+    started = time.perf_counter()
+    window = _Window(state.tokens_seen)
+    bar = tqdm(total=steps, initial=state.step, desc="training", unit="step", mininterval=2.0,
+               dynamic_ncols=True)
+    while state.step < steps:
+        indices = next_step_blocks(state, len(train_blocks), cfg.train.seed, cfg.train.effective_batch)
+        outcome = optimizer_step(state, train_blocks[np.sort(indices)], device, cfg.train.max_grad_norm)
+        state.step += 1
+        state.tokens_seen += len(indices) * cfg.train.max_length
+        if outcome:
+            window.losses.append(outcome[0])
+            bar.set_postfix(_progress(state, outcome, window, device), refresh=False)
+        bar.update()
+        if state.step % cfg.train.eval_steps == 0 or state.step == steps:
+            _evaluate_and_record(state, cfg, config, device, val_blocks, window, started)
+        if state.step % cfg.train.save_steps == 0 or state.step == steps:
+            _save_checkpoint(state, cfg, config)
+    bar.close()
+    return RunResult(state, StopReason.COMPLETED, run_dir, time.perf_counter() - started)
+
+
+class _Window:
+    """Training losses and throughput since the last evaluation."""
+
+    def __init__(self, tokens_seen: int):
+        self.losses: list[float] = []
+        self.tokens, self.time = tokens_seen, time.perf_counter()
+
+    def tokens_per_second(self, tokens_seen: int) -> float:
+        return (tokens_seen - self.tokens) / max(time.perf_counter() - self.time, 1e-9)
+
+    def reset(self, tokens_seen: int) -> None:
+        self.__init__(tokens_seen)
+
+
+def _progress(state: TrainState, outcome: tuple[float, float], window: _Window, device: Device) -> dict:
+    shown = {"loss": f"{outcome[0]:.3f}", "lr": f"{state.scheduler.get_last_lr()[0]:.2e}",
+             "grad_norm": f"{outcome[1]:.2f}",
+             "tok/s": f"{window.tokens_per_second(state.tokens_seen):,.0f}"}
+    if device.is_cuda:
+        shown["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}GB"
+    return shown
+
+
+def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device: Device,
+                         val_blocks: np.ndarray, window: _Window, started: float) -> None:
+    state.val_loss = evaluate(state.model, val_blocks, device, state.batch_size, cfg.train.eval_batches)
+    state.train_loss = float(np.mean(window.losses)) if window.losses else math.nan
+    state.history.append({
+        "epoch": state.epoch, "step": state.step, "tokens_seen": state.tokens_seen,
+        "train_loss": state.train_loss, "val_loss": state.val_loss,
+        "val_perplexity": perplexity(state.val_loss),
+        "learning_rate": state.scheduler.get_last_lr()[0],
+        "tokens_per_second": window.tokens_per_second(state.tokens_seen),
+        "elapsed_seconds": time.perf_counter() - started,
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    window.reset(state.tokens_seen)
+    log.info("step %d: train loss %.4f, val loss %.4f", state.step, state.train_loss, state.val_loss)
+    files.write_json(cfg.output_dir / "training_history.json", state.history)
+    if math.isfinite(state.val_loss) and state.val_loss < state.best_val_loss:
+        state.best_val_loss = state.val_loss
+        checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(config))
+
+
+def _save_checkpoint(state: TrainState, cfg: RunConfig, config: dict) -> None:
+    path = checkpoint.checkpoint_path(cfg.output_dir, state.epoch, state.step)
+    checkpoint.save(path, state.state_dict(config))
+    checkpoint.rotate(path.parent, cfg.train.max_checkpoints)
