@@ -40,3 +40,14 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
     path = files.atomic_directory(Path(run_dir) / FINAL_MODEL, fill)
     log.info("exported %s", path)
     return path
+
+
+def summary(run_dir: Path) -> str:
+    """The run's outputs with their sizes, and how to load the model."""
+    run_dir = Path(run_dir)
+    lines = [f"outputs in {run_dir}:"]
+    for path in sorted(run_dir.rglob("*")):
+        if path.is_file() and "data_cache" not in path.parts and not path.name.startswith("."):
+            lines.append(f"  {path.relative_to(run_dir)}  {path.stat().st_size / 2**20:.2f} MB")
+    lines.append(f'load it: transformers.pipeline("text-generation", model="{run_dir / FINAL_MODEL}")')
+    return "\n".join(lines)

@@ -156,10 +156,12 @@ def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_gr
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, blocks: np.ndarray, device: Device, batch_size: int, max_batches: int) -> float:
-    """Mean loss over the first `max_batches` batches of `blocks` (the same subset every time)."""
+def evaluate(model: torch.nn.Module, blocks: np.ndarray, device: Device, batch_size: int,
+             max_batches: int | None = None) -> float:
+    """Mean loss over the first `max_batches` batches of `blocks` (the same subset every time;
+    None: all of them)."""
     model.eval()
-    n = min(len(blocks), batch_size * max_batches)
+    n = len(blocks) if max_batches is None else min(len(blocks), batch_size * max_batches)
     total, count = torch.zeros((), device=device.device), 0
     for start in range(0, n, batch_size):
         inputs, targets = to_batch(blocks[start:start + batch_size], device)
