@@ -74,9 +74,10 @@ def load(path: Path) -> dict[str, Any]:
 def check_compatible(checkpoint: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint made for another model shape or tokenizer, naming what differs."""
     saved = checkpoint.get("config", {})
-    differences = [f"{section}.{key}: checkpoint {saved[section][key]!r}, run {config[section][key]!r}"
-                   for section, keys in MUST_MATCH.items() for key in keys
-                   if section in saved and saved[section].get(key) != config[section][key]]
+    differences = [
+        f"{section}.{key}: checkpoint {saved[section].get(key)!r}, run {config[section].get(key)!r}"
+        for section, keys in MUST_MATCH.items() for key in keys
+        if section in saved and saved[section].get(key) != config[section].get(key)]
     if differences:
         raise CheckpointError(f"{path} was made by a different configuration:\n  "
                               + "\n  ".join(differences))

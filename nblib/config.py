@@ -34,7 +34,7 @@ class ModelConfig:
     n_layer: int  # transformer blocks
     n_head: int  # attention heads per block
     n_inner: int  # hidden width of each MLP
-    dropout: float = 0.1  # GPT2Config's default for all dropouts
+    dropout: float  # residual, embedding and attention dropout
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
     "kaggle-t4": dict(
         dataset="Salesforce/wikitext", dataset_config="wikitext-103-raw-v1", tokenizer="gpt2",
         vocab_size=GPT2_VOCAB_SIZE, n_positions=512, n_embd=256, n_layer=8, n_head=8, n_inner=1024,
-        batch_size=8, gradient_accumulation_steps=8, learning_rate=5e-4, weight_decay=0.01,
+        dropout=0.0, batch_size=8, gradient_accumulation_steps=8, learning_rate=5e-4, weight_decay=0.01,
         max_grad_norm=1.0, epochs=3, max_steps=0, warmup_steps=500, max_length=512,
         save_steps=1000, eval_steps=500, max_checkpoints=4, eval_batches=100,
         prompts=("The history of", "In 1998 , the"),
@@ -109,7 +109,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
     "cpu-demo": dict(
         dataset="builtin:python-docs", dataset_config="", tokenizer="bpe:4096",
         vocab_size=None, n_positions=256, n_embd=256, n_layer=4, n_head=4, n_inner=1024,
-        batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-3, weight_decay=0.1,
+        dropout=0.1, batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-3, weight_decay=0.1,
         max_grad_norm=1.0, epochs=1, max_steps=900, warmup_steps=50, max_length=128,
         save_steps=200, eval_steps=100, max_checkpoints=4, eval_batches=20,
         prompts=("Return the", "The default value", "This module provides"),
@@ -118,7 +118,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
     "smoke": dict(
         dataset="builtin:python-docs", dataset_config="", tokenizer="bpe:512",
         vocab_size=None, n_positions=64, n_embd=64, n_layer=2, n_head=2, n_inner=256,
-        batch_size=8, gradient_accumulation_steps=2, learning_rate=3e-3, weight_decay=0.01,
+        dropout=0.0, batch_size=8, gradient_accumulation_steps=2, learning_rate=3e-3, weight_decay=0.01,
         max_grad_norm=1.0, epochs=1, max_steps=40, warmup_steps=5, max_length=64,
         save_steps=10, eval_steps=10, max_checkpoints=2, eval_batches=4,
         prompts=("Return the",),
@@ -131,7 +131,7 @@ PARAMETER_DEFAULTS = dict(output_dir="", text_column="text", precision="auto", s
 
 PARAMETERS = (
     "preset", "output_dir", "dataset", "dataset_config", "text_column", "tokenizer",
-    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "dropout",
     "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm",
     "epochs", "max_steps", "warmup_steps", "max_length", "save_steps", "eval_steps",
     "max_checkpoints", "resume_from_checkpoint", "precision", "seed", "dry_run",
@@ -180,7 +180,7 @@ def _build(preset: str, v: dict[str, Any]) -> RunConfig:
 _INTS = ("n_positions", "n_embd", "n_layer", "n_head", "n_inner", "batch_size",
          "gradient_accumulation_steps", "epochs", "max_steps", "warmup_steps", "max_length",
          "save_steps", "eval_steps", "max_checkpoints", "seed")
-_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm")
+_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "dropout")
 
 
 def _check_types(v: Mapping[str, Any]) -> list[str]:
@@ -217,6 +217,8 @@ def validate(cfg: RunConfig) -> list[str]:
     non_negative = dict(max_steps=t.max_steps, warmup_steps=t.warmup_steps,
                         weight_decay=t.weight_decay, seed=t.seed)
     problems += [f"{k}={v!r}: must be >= 0" for k, v in non_negative.items() if v < 0]
+    if not 0 <= m.dropout < 1:
+        problems.append(f"dropout={m.dropout!r}: must be in [0, 1)")
     if m.n_head > 0 and m.n_embd % m.n_head:
         problems.append(f"n_embd={m.n_embd!r}: must be divisible by n_head={m.n_head}")
     if t.max_length > m.n_positions:

@@ -15,11 +15,17 @@ def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts:
     model.eval()
     device = next(model.parameters()).device
     torch.manual_seed(seed)
+    context = model.config.n_positions
     texts = []
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt").to(device)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=True,
-                                pad_token_id=tokenizer.eos_token_id)
+        prompt_length = inputs["input_ids"].shape[1]
+        if prompt_length >= context:
+            raise ValueError(f"prompt {prompt[:40]!r}... is {prompt_length} tokens; the model "
+                             f"sees at most n_positions={context}")
+        # Past n_positions the position embedding has no row: stop at the context's end.
+        output = model.generate(**inputs, max_new_tokens=min(max_new_tokens, context - prompt_length),
+                                do_sample=True, pad_token_id=tokenizer.eos_token_id)
         texts.append(tokenizer.decode(output[0], skip_special_tokens=True))
     return texts
 

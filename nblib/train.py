@@ -203,7 +203,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
             bar.set_postfix(_progress(state, outcome, window, device), refresh=False)
         bar.update()
         if state.step % cfg.train.eval_steps == 0 or state.step == steps:
-            _evaluate_and_record(state, cfg, config, device, val_blocks, window, started)
+            _evaluate_and_record(state, cfg, config, device, val_blocks, window, started, steps)
         if state.step % cfg.train.save_steps == 0 or state.step == steps:
             _save_checkpoint(state, cfg, config)
     bar.close()
@@ -234,7 +234,8 @@ def _progress(state: TrainState, outcome: tuple[float, float], window: _Window, 
 
 
 def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device: Device,
-                         val_blocks: np.ndarray, window: _Window, started: float) -> None:
+                         val_blocks: np.ndarray, window: _Window, started: float, total: int) -> None:
+    """Validation loss into the history (one record per evaluation); a new best is saved."""
     state.val_loss = evaluate(state.model, val_blocks, device, state.batch_size, cfg.train.eval_batches)
     state.train_loss = float(np.mean(window.losses)) if window.losses else math.nan
     state.history.append({
@@ -247,7 +248,10 @@ def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     window.reset(state.tokens_seen)
-    log.info("step %d: train loss %.4f, val loss %.4f", state.step, state.train_loss, state.val_loss)
+    record = state.history[-1]
+    log.info("step %d/%d: train loss %.4f, val loss %.4f (perplexity %.1f), lr %.2e, %.0f tokens/s, "
+             "%.0f s", state.step, total, state.train_loss, state.val_loss, record["val_perplexity"],
+             record["learning_rate"], record["tokens_per_second"], record["elapsed_seconds"])
     files.write_json(cfg.output_dir / "training_history.json", state.history)
     if math.isfinite(state.val_loss) and state.val_loss < state.best_val_loss:
         state.best_val_loss = state.val_loss

@@ -1,0 +1,58 @@
+"""Tiny generated data and configs: no network, no ../shared, seconds per test."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from nblib import config, tokenizer
+
+WORDS = ("the river city was built in north old king wrote a song of stone and light "
+         "people came to see new bridge over water during year first war ended").split()
+
+
+def sentences(rng: random.Random, n: int) -> str:
+    return " ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))) + " ."
+                    for _ in range(n))
+
+
+def wikitext_lines(n_articles: int, seed: int = 0) -> list[str]:
+    """Rows in WikiText's raw layout: blank lines, ' = Title = ', ' = = Section = = ', paragraphs."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_articles):
+        rows += [" \n", f" = Article {i} = \n", " \n", f" {sentences(rng, 4)} \n", " \n",
+                 " = = History = = \n", " \n", f" {sentences(rng, 3)} \n"]
+    return rows
+
+
+@pytest.fixture(scope="session")
+def wikitext_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("wiki") / "wiki.train.txt"
+    path.write_text("".join(wikitext_lines(60)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A saved GPT-2-style tokenizer directory: the local stand-in for the Hub's 'gpt2'."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    tok = tokenizer.train_bpe(["".join(wikitext_lines(30, seed=1))] * 3, vocab_size=300)
+    tok.save_pretrained(str(directory))
+    return directory
+
+
+def tiny_params(tmp_path: Path, **overrides) -> dict:
+    """Parameters for a model and run small enough for a unit test."""
+    params = dict(preset="smoke", output_dir=str(tmp_path / "run"), n_positions=32, n_embd=32,
+                  n_layer=1, n_head=2, n_inner=64, max_length=16, batch_size=4,
+                  gradient_accumulation_steps=2, max_steps=12, warmup_steps=2, save_steps=4,
+                  eval_steps=4, max_checkpoints=2, precision="fp32", resume_from_checkpoint="")
+    params.update(overrides)
+    return params
+
+
+@pytest.fixture
+def tiny_config(tmp_path, wikitext_file, tokenizer_dir) -> config.RunConfig:
+    return config.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir)))

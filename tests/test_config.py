@@ -1,0 +1,67 @@
+import pytest
+
+from nblib import config
+from conftest import tiny_params
+
+
+def test_presets_resolve_and_none_means_the_presets_value(tmp_path):
+    cfg = config.resolve({"preset": "kaggle-t4", "n_layer": None, "output_dir": str(tmp_path)})
+    assert cfg.model.n_layer == 8 and cfg.model.vocab_size == 50257
+    assert cfg.train.effective_batch == 64 and cfg.train.tokens_per_step == 64 * 512
+    assert cfg.data.dataset == "Salesforce/wikitext"
+    assert config.resolve({"preset": "cpu-demo"}).data.dataset == "builtin:python-docs"
+
+
+def test_parameters_override_the_preset_and_extra_names_are_ignored(tmp_path):
+    cfg = config.resolve({**tiny_params(tmp_path), "n_layer": 3, "unrelated_global": object()})
+    assert cfg.model.n_layer == 3 and cfg.train.precision == "fp32"
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"preset": "gpu-huge"}, r"preset='gpu-huge': must be one of kaggle-t4, cpu-demo, smoke"),
+    ({"n_embd": 30, "n_head": 4}, r"n_embd=30: must be divisible by n_head=4"),
+    ({"max_length": 64, "n_positions": 32}, r"max_length=64: must be <= n_positions=32"),
+    ({"batch_size": 0}, r"batch_size=0: must be > 0"),
+    ({"save_steps": -1}, r"save_steps=-1: must be > 0"),
+    ({"warmup_steps": -5}, r"warmup_steps=-5: must be >= 0"),
+    ({"learning_rate": 0.0}, r"learning_rate=0.0: must be > 0"),
+    ({"precision": "fp8"}, r"precision='fp8': must be one of auto, fp32, fp16, bf16"),
+    ({"tokenizer": "bpe:lots"}, r"tokenizer='bpe:lots': must be 'gpt2', 'bpe:<vocab size>'"),
+    ({"tokenizer": "bpe:100"}, r"bpe vocabulary must be between 260"),
+    ({"tokenizer": "gpt2", "vocab_size": 1000}, r"vocab_size=1000: smaller than the tokenizer's 50257"),
+    ({"tokenizer": "bpe:4096", "vocab_size": 4000}, r"vocab_size=4000: smaller than the tokenizer's 4096"),
+    ({"dataset": "/no/such/corpus.txt"}, r"dataset='/no/such/corpus.txt': no such file"),
+    ({"dataset": "builtin:poems"}, r"dataset='builtin:poems': the built-in corpora are"),
+    ({"resume_from_checkpoint": "/no/ckpt.pt"}, r"resume_from_checkpoint='/no/ckpt.pt': no such file"),
+    ({"n_layer": 2.5}, r"n_layer=2.5: must be an integer"),
+    ({"learning_rate": "fast"}, r"learning_rate='fast': must be a number"),
+    ({"dry_run": "yes"}, r"dry_run='yes': must be True or False"),
+])
+def test_each_rule_names_parameter_value_and_what_is_allowed(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        config.resolve(tiny_params(tmp_path, **override))
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    with pytest.raises(ValueError) as error:
+        config.resolve(tiny_params(tmp_path, n_embd=30, n_head=4, batch_size=0, precision="x"))
+    text = str(error.value)
+    assert "n_embd=30" in text and "batch_size=0" in text and "precision='x'" in text
+
+
+def test_saved_tokenizer_directory_sets_the_vocabulary_floor(tmp_path, tokenizer_dir):
+    with pytest.raises(ValueError, match=r"vocab_size=100: smaller than the tokenizer's 300"):
+        config.resolve(tiny_params(tmp_path, tokenizer=str(tokenizer_dir), vocab_size=100))
+
+
+def test_hub_ids_and_local_paths_are_told_apart():
+    assert not config.is_local_dataset("Salesforce/wikitext")
+    assert not config.is_local_dataset("wikitext")
+    assert config.is_local_dataset("/kaggle/input/corpus")
+    assert config.is_local_dataset("data/*.txt")
+    assert config.is_local_dataset("corpus.parquet")
+
+
+def test_to_dict_is_plain_json(tmp_path):
+    d = config.resolve(tiny_params(tmp_path)).to_dict()
+    assert d["model"]["n_embd"] == 32 and isinstance(d["output_dir"], str)

@@ -1,0 +1,45 @@
+import json
+
+import torch
+from transformers import GPT2LMHeadModel, pipeline
+
+from nblib import data, export, generate, hardware, model, plots, state, train
+
+
+def test_final_model_loads_in_a_pipeline_and_guide_snippet_works(tiny_config):
+    state.seed_everything(0)
+    corpus = data.prepare(tiny_config)
+    net = model.build(tiny_config.model, corpus.tokenizer)
+    result = train.run(tiny_config, hardware.detect("fp32"), net, corpus)
+    out = tiny_config.output_dir
+
+    # The Kaggle guide's "Load from Checkpoint" snippet, as written.
+    checkpoint = torch.load(out / "best_model.pt")
+    fresh = model.build(tiny_config.model, corpus.tokenizer)
+    fresh.load_state_dict(checkpoint["model_state_dict"])
+    assert {"model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "epoch", "step",
+            "train_loss", "val_loss", "config"} <= set(checkpoint)
+
+    assert export.load_best_weights(net, out)
+    final = export.final_model(net, corpus.tokenizer, out)
+    assert (final / "model.safetensors").is_file() and (final / "generation_config.json").is_file()
+    generator = pipeline("text-generation", model=str(final))
+    text = generator("the river", max_new_tokens=8)[0]["generated_text"]
+    assert text.startswith("the river") and len(text) > len("the river")
+
+    loaded, tok = generate.load(final)
+    assert isinstance(loaded, GPT2LMHeadModel)
+    samples = generate.samples(loaded, tok, ["the old king"], max_new_tokens=5)
+    assert samples[0].startswith("the old king")
+
+    plots.curves(result.history, out)
+    assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "final_model/model.safetensors" in export.summary(out)
+
+
+def test_generate_command_line(tiny_config, capsys):
+    corpus = data.prepare(tiny_config)
+    net = model.build(tiny_config.model, corpus.tokenizer)
+    final = export.final_model(net, corpus.tokenizer, tiny_config.output_dir)
+    generate.main(["--model", str(final), "--prompt", "the city", "--max-new-tokens", "4"])
+    assert capsys.readouterr().out.startswith("the city")

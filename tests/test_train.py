@@ -1,0 +1,103 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nblib import checkpoint, config, data, hardware, model, state, train
+from conftest import tiny_params
+
+
+def run_tiny(cfg):
+    state.seed_everything(cfg.train.seed)
+    corpus = data.prepare(cfg)
+    net = model.build(cfg.model, corpus.tokenizer)
+    return train.run(cfg, hardware.detect(cfg.train.precision), net, corpus), net
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
+    factors = [train.lr_factor(s, warmup_steps=10, total_steps=110) for s in range(111)]
+    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.55)
+    assert factors[110] == pytest.approx(train.MIN_LR_RATIO)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+def test_weight_decay_only_on_matrices(tiny_config):
+    net = model.build(tiny_config.model, data.prepare(tiny_config).tokenizer)
+    opt = train.build_optimizer(net, tiny_config, hardware.detect("fp32"))
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.01
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+def test_epoch_order_is_seeded_and_covers_every_block_once():
+    order = train.epoch_order(100, seed=3, epoch=1)
+    assert sorted(order) == list(range(100))
+    assert np.array_equal(order, train.epoch_order(100, seed=3, epoch=1))
+    assert not np.array_equal(order, train.epoch_order(100, seed=3, epoch=2))
+
+
+def test_too_little_data_for_one_step_is_a_clear_error(tiny_config):
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        train.total_steps(tiny_config, n_train_blocks=3)
+
+
+def test_run_trains_evaluates_saves_and_rotates(tiny_config):
+    result, _ = run_tiny(tiny_config)
+    out = tiny_config.output_dir
+    assert result.stop_reason is train.StopReason.COMPLETED and result.state.step == 12
+    history = result.history
+    assert [r["step"] for r in history] == [4, 8, 12]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert all(math.isfinite(r["train_loss"]) for r in history)
+    keys = {"epoch", "step", "tokens_seen", "train_loss", "val_loss", "val_perplexity",
+            "learning_rate", "tokens_per_second", "elapsed_seconds", "timestamp"}
+    assert all(keys <= set(r) for r in history)
+    assert [p.name for _, p in checkpoint.list_checkpoints(out / "checkpoints")] == [
+        "checkpoint_epoch0_step8.pt", "checkpoint_epoch0_step12.pt"]
+    best = torch.load(out / "best_model.pt", weights_only=True)
+    assert best["val_loss"] == min(r["val_loss"] for r in history)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, wikitext_file, tokenizer_dir):
+    base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir), max_steps=4, dropout=0.0,
+                       eval_steps=4, save_steps=4)
+    one = config.resolve({**base, "batch_size": 8, "gradient_accumulation_steps": 1,
+                          "output_dir": str(tmp_path / "a")})
+    four = config.resolve({**base, "batch_size": 2, "gradient_accumulation_steps": 4,
+                           "output_dir": str(tmp_path / "b")})
+    _, net_one = run_tiny(one)
+    _, net_four = run_tiny(four)
+    for a, b in zip(net_one.parameters(), net_four.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_reproduces_an_uninterrupted_run_bitwise(tmp_path, wikitext_file, tokenizer_dir):
+    # dropout on, so the restored RNG state matters too
+    base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir), dropout=0.1)
+    full_cfg = config.resolve({**base, "output_dir": str(tmp_path / "full")})
+    full, full_net = run_tiny(full_cfg)
+
+    stopped_at = tmp_path / "full" / "checkpoints" / "checkpoint_epoch0_step8.pt"
+    resumed_cfg = config.resolve({**base, "output_dir": str(tmp_path / "resumed"),
+                                  "resume_from_checkpoint": str(stopped_at)})
+    resumed, resumed_net = run_tiny(resumed_cfg)
+
+    assert resumed.state.step == full.state.step
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
+    for a, b in zip(full_net.state_dict().values(), resumed_net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints_and_auto_continues(tiny_config):
+    run_tiny(tiny_config)
+    with pytest.raises(ValueError, match="already holds checkpoints.*resume_from_checkpoint='auto'"):
+        run_tiny(tiny_config)
+    auto = config.resolve({**tiny_params(tiny_config.output_dir.parent),
+                           "dataset": tiny_config.data.dataset, "tokenizer": tiny_config.data.tokenizer,
+                           "resume_from_checkpoint": "auto", "max_steps": 16})
+    result, _ = run_tiny(auto)
+    assert [r["step"] for r in result.history] == [4, 8, 12, 16]
