@@ -1,4 +1,4 @@
-"""Tiny generated data and configs: no network, no ../shared, seconds per test."""
+"""Tiny generated data and configs: no network, no files from outside the repository."""
 from __future__ import annotations
 
 import random
