@@ -1,9 +1,12 @@
 """Checkpoint files: the guide's layout, rotation by step, safe loading and choosing what to resume."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import re
+import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -34,9 +37,68 @@ def checkpoint_path(run_dir: Path, epoch: int, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"checkpoint_epoch{epoch}_step{step}.pt"
 
 
-def save(path: Path, checkpoint: dict[str, Any]) -> Path:
-    """Write atomically: a kill mid-save leaves the previous file untouched."""
-    return files.save_torch(path, checkpoint)
+def save(path: Path, checkpoint: dict[str, Any]) -> float:
+    """Write atomically with a checksum of its contents; returns the seconds it took.
+
+    A kill mid-save leaves the previous file untouched, and so does a failed write.
+
+    Raises:
+        OSError: no space or no permission, with what to do about it.
+    """
+    started = time.perf_counter()
+    path = Path(path)
+    needed = estimated_size(checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise OSError(28, f"not enough space to write {path.name}: about {needed / 2**20:.0f} MB "
+                      f"needed, {free / 2**20:.0f} MB free in {path.parent}; the earlier checkpoints "
+                      "are intact. Free some space or lower max_checkpoints, then resume")
+    try:
+        files.save_torch(path, {**checkpoint, "integrity": digest(checkpoint)})
+    except OSError as error:
+        raise OSError(error.errno, f"could not write {path}: {error.strerror or error}; the earlier "
+                      "checkpoints are intact. Free some space or fix the permissions, then resume") from error
+    return time.perf_counter() - started
+
+
+def estimated_size(checkpoint: dict[str, Any]) -> int:
+    """Bytes the checkpoint's tensors take (tied weights counted once), plus a margin."""
+    seen, total = set(), 0
+    for tensor in _tensors(checkpoint):
+        key = (tensor.untyped_storage().data_ptr(), tensor.numel())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return int(total * 1.02) + 2**20
+
+
+def digest(checkpoint: dict[str, Any]) -> str:
+    """sha256 over every tensor's bytes and every plain value, in order: torch.load does not
+    notice a flipped bit inside a tensor, this does."""
+    h = hashlib.sha256()
+    for key, value in _leaves(checkpoint):
+        h.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def _leaves(obj: Any, prefix: str = ""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple, torch.Tensor)) for v in obj):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{prefix}/{i}")
+    else:
+        yield prefix, obj
+
+
+def _tensors(obj: Any):
+    return (v for _, v in _leaves(obj) if isinstance(v, torch.Tensor))
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -46,6 +108,13 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     found = [(int(m.group(2)), p) for p in Path(directory).iterdir()
              if (m := CHECKPOINT_NAME.match(p.name))]
     return sorted(found)
+
+
+def existing_files(run_dir: Path) -> list[Path]:
+    """The checkpoint files a run directory already holds (they count as reusable space)."""
+    run_dir = Path(run_dir)
+    named = [run_dir / BEST_MODEL, run_dir / EMERGENCY]
+    return [p for _, p in list_checkpoints(checkpoint_dir(run_dir))] + [p for p in named if p.is_file()]
 
 
 def rotate(directory: Path, keep: int) -> list[Path]:
@@ -63,12 +132,19 @@ def load(path: Path) -> dict[str, Any]:
         CheckpointError: truncated, corrupt, or holding objects that would run code.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: refused to load, the file holds objects other than "
-                              f"tensors and plain values (unsafe pickle): {error}") from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointError(f"{path}: refused to load: its pickle is corrupt or holds objects "
+                              "other than tensors and plain values (unsafe pickle; nothing was run). "
+                              f"{str(error).splitlines()[-1] if str(error) else ''}") from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
         raise CheckpointError(f"{path}: unreadable, truncated or corrupt ({error})") from error
+    if not isinstance(checkpoint, dict) or "step" not in checkpoint:
+        raise CheckpointError(f"{path}: not a training checkpoint (no 'step' key)")
+    expected = checkpoint.pop("integrity", None)
+    if expected is not None and digest(checkpoint) != expected:
+        raise CheckpointError(f"{path}: corrupt, its contents do not match the checksum saved with it")
+    return checkpoint
 
 
 def check_compatible(checkpoint: dict[str, Any], config: dict[str, Any], path: Path) -> None:
@@ -86,14 +162,11 @@ def check_compatible(checkpoint: dict[str, Any], config: dict[str, Any], path: P
 def candidates(run_dir: Path) -> list[Path]:
     """Resume candidates, newest step first: this run's checkpoints, its emergency checkpoint,
     and those of earlier sessions attached under /kaggle/input."""
-    roots = [Path(run_dir)] + [d for d in paths.kaggle_input_dirs()]
-    found = []
-    for root in roots:
-        for directory in [root, *root.glob("*/")]:
-            found += list_checkpoints(checkpoint_dir(directory))
-            emergency = directory / EMERGENCY
-            if emergency.is_file():
-                found.append((_step_of(emergency), emergency))
+    run_dir = Path(run_dir)
+    directories = [checkpoint_dir(run_dir)] + paths.find_in_inputs("checkpoints")
+    found = [sp for directory in directories for sp in list_checkpoints(directory)]
+    emergencies = [run_dir / EMERGENCY] + paths.find_in_inputs(EMERGENCY)
+    found += [(_step_of(p), p) for p in emergencies if p.is_file()]
     return [p for _, p in sorted(found, key=lambda sp: sp[0], reverse=True)]
 
 
@@ -105,12 +178,13 @@ def find_resume(run_dir: Path, resume_from_checkpoint: str) -> tuple[Path, dict[
         CheckpointError: an explicit path that cannot be loaded.
     """
     if resume_from_checkpoint == "":
-        existing = list_checkpoints(checkpoint_dir(run_dir))
+        existing = [p for _, p in list_checkpoints(checkpoint_dir(run_dir))]
+        existing += [p for p in [Path(run_dir) / EMERGENCY] if p.is_file()]
         if existing:
             raise ValueError(
-                f"output_dir={str(run_dir)!r} already holds checkpoints (newest: "
-                f"{existing[-1][1].name}); set resume_from_checkpoint='auto' to continue that "
-                "run, or choose another output_dir for a fresh one")
+                f"output_dir={str(run_dir)!r} already holds checkpoints ({existing[-1].name}); "
+                "set resume_from_checkpoint='auto' to continue that run, or choose another "
+                "output_dir for a fresh one")
         return None
     if resume_from_checkpoint != "auto":
         return Path(resume_from_checkpoint), load(Path(resume_from_checkpoint))

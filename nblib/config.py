@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -53,6 +54,7 @@ class TrainConfig:
     max_checkpoints: int  # most recent checkpoints kept
     precision: str  # auto, fp32, fp16 or bf16
     seed: int  # seeds weights, data order and dropout
+    time_budget_minutes: float  # stop, save and export before this; 0: no budget
     eval_batches: int = 50  # validation batches per evaluation (a fixed subset)
 
     @property
@@ -76,6 +78,7 @@ class RunConfig:
     dry_run: bool  # print the resolved config and stop
     prompts: tuple[str, ...] = ()  # prompts for the samples shown after training
     max_new_tokens: int = 60  # length of each generated sample
+    started_at: float = field(default_factory=time.time)  # the notebook's start: the time budget counts from it
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (stored in checkpoints and beside the run)."""
@@ -103,6 +106,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         dropout=0.0, batch_size=8, gradient_accumulation_steps=8, learning_rate=5e-4, weight_decay=0.01,
         max_grad_norm=1.0, epochs=3, max_steps=0, warmup_steps=500, max_length=512,
         save_steps=1000, eval_steps=500, max_checkpoints=4, eval_batches=100,
+        time_budget_minutes=660,  # 11 h: Kaggle kills GPU sessions at 12 h
         prompts=("The history of", "In 1998 , the"),
     ),
     # About ten minutes on a 2-core CPU, on the offline built-in corpus.
@@ -111,7 +115,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         vocab_size=None, n_positions=256, n_embd=256, n_layer=4, n_head=4, n_inner=1024,
         dropout=0.1, batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-3, weight_decay=0.1,
         max_grad_norm=1.0, epochs=1, max_steps=900, warmup_steps=50, max_length=128,
-        save_steps=200, eval_steps=100, max_checkpoints=4, eval_batches=20,
+        save_steps=200, eval_steps=100, max_checkpoints=4, eval_batches=20, time_budget_minutes=0,
         prompts=("Return the", "The default value", "This module provides"),
     ),
     # Seconds, for CI: a tiny model on a tiny tokenizer, a few dozen steps.
@@ -120,7 +124,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         vocab_size=None, n_positions=64, n_embd=64, n_layer=2, n_head=2, n_inner=256,
         dropout=0.0, batch_size=8, gradient_accumulation_steps=2, learning_rate=3e-3, weight_decay=0.01,
         max_grad_norm=1.0, epochs=1, max_steps=40, warmup_steps=5, max_length=64,
-        save_steps=10, eval_steps=10, max_checkpoints=2, eval_batches=4,
+        save_steps=10, eval_steps=10, max_checkpoints=2, eval_batches=4, time_budget_minutes=0,
         prompts=("Return the",),
     ),
 }
@@ -134,7 +138,7 @@ PARAMETERS = (
     "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "dropout",
     "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm",
     "epochs", "max_steps", "warmup_steps", "max_length", "save_steps", "eval_steps",
-    "max_checkpoints", "resume_from_checkpoint", "precision", "seed", "dry_run",
+    "max_checkpoints", "time_budget_minutes", "resume_from_checkpoint", "precision", "seed", "dry_run",
 )
 
 
@@ -180,7 +184,7 @@ def _build(preset: str, v: dict[str, Any]) -> RunConfig:
 _INTS = ("n_positions", "n_embd", "n_layer", "n_head", "n_inner", "batch_size",
          "gradient_accumulation_steps", "epochs", "max_steps", "warmup_steps", "max_length",
          "save_steps", "eval_steps", "max_checkpoints", "seed")
-_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "dropout")
+_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "dropout", "time_budget_minutes")
 
 
 def _check_types(v: Mapping[str, Any]) -> list[str]:
@@ -215,7 +219,8 @@ def validate(cfg: RunConfig) -> list[str]:
                     learning_rate=t.learning_rate, max_grad_norm=t.max_grad_norm)
     problems += [f"{k}={v!r}: must be > 0" for k, v in positive.items() if v <= 0]
     non_negative = dict(max_steps=t.max_steps, warmup_steps=t.warmup_steps,
-                        weight_decay=t.weight_decay, seed=t.seed)
+                        weight_decay=t.weight_decay, seed=t.seed,
+                        time_budget_minutes=t.time_budget_minutes)
     problems += [f"{k}={v!r}: must be >= 0" for k, v in non_negative.items() if v < 0]
     if not 0 <= m.dropout < 1:
         problems.append(f"dropout={m.dropout!r}: must be in [0, 1)")

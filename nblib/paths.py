@@ -6,6 +6,7 @@ from pathlib import Path
 
 KAGGLE_WORKING = Path("/kaggle/working")
 KAGGLE_INPUT = Path("/kaggle/input")
+INPUT_SEARCH_DEPTH = 3  # /kaggle/input/<slug>/..., also /kaggle/input/notebooks/<user>/<slug>/...
 
 
 def on_kaggle() -> bool:
@@ -18,8 +19,10 @@ def default_output_dir(preset: str) -> Path:
     return KAGGLE_WORKING if on_kaggle() else Path("runs") / preset
 
 
-def kaggle_input_dirs() -> list[Path]:
-    """Attached inputs (datasets, earlier notebook versions' outputs); empty off Kaggle."""
+def find_in_inputs(pattern: str) -> list[Path]:
+    """Paths matching `pattern` inside attached Kaggle inputs (an earlier session's output added
+    as data), up to a few folders down; empty off Kaggle."""
     if not KAGGLE_INPUT.is_dir():
         return []
-    return sorted(p for p in KAGGLE_INPUT.iterdir() if p.is_dir())
+    return sorted({p for depth in range(1, INPUT_SEARCH_DEPTH + 1)
+                   for p in KAGGLE_INPUT.glob("/".join(["*"] * depth + [pattern]))})

@@ -26,6 +26,7 @@ class TrainState:
     train_loss: float = math.nan  # mean training loss since the last evaluation
     val_loss: float = math.nan  # latest validation loss
     history: list[dict[str, Any]] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)  # one per optimizer step, NaN if skipped
 
     def state_dict(self, config: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint that `torch.load(path, weights_only=True)` can read: tensors and primitives."""
@@ -39,7 +40,8 @@ class TrainState:
             "train_loss": self.train_loss, "val_loss": self.val_loss,
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "rng_state": capture_rng(), "history": list(self.history), "config": config,
+            "rng_state": capture_rng(), "history": list(self.history),
+            "step_losses": list(self.step_losses), "config": config,
         }
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
@@ -53,6 +55,7 @@ class TrainState:
                      "val_loss", "batch_size", "gradient_accumulation_steps"):
             setattr(self, name, checkpoint[name])
         self.history = list(checkpoint["history"])
+        self.step_losses = list(checkpoint.get("step_losses", []))
         restore_rng(checkpoint["rng_state"])
 
 

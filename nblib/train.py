@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint, files
+from . import checkpoint, files, stopping
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -40,16 +41,25 @@ class RunResult:
     stop_reason: StopReason
     run_dir: Path
     elapsed_seconds: float
+    signal_name: str | None = None  # what interrupted the run, if anything
 
     @property
     def history(self) -> list[dict]:
         return self.state.history
 
     def describe(self) -> str:
+        """What happened, and what to do next."""
         s = self.state
-        return (f"{self.stop_reason.value}: {s.step} steps, {s.tokens_seen:,} tokens in "
-                f"{self.elapsed_seconds:.0f} s; best validation loss {s.best_val_loss:.4f} "
-                f"(perplexity {perplexity(s.best_val_loss):.1f})")
+        facts = (f"{s.step} steps, {s.tokens_seen:,} tokens in {self.elapsed_seconds:.0f} s; best "
+                 f"validation loss {s.best_val_loss:.4f} (perplexity {perplexity(s.best_val_loss):.1f})")
+        resume = "resume with resume_from_checkpoint='auto'"
+        advice = {
+            StopReason.COMPLETED: "completed",
+            StopReason.TIME_BUDGET: f"stopped at the time budget; {resume}",
+            StopReason.INTERRUPTED: (f"interrupted by {self.signal_name}: saved "
+                                     f"{self.run_dir / checkpoint.EMERGENCY}; {resume}"),
+        }
+        return f"{advice.get(self.stop_reason, self.stop_reason.value)}: {facts}"
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -174,40 +184,76 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     """Train `model` on `corpus` as `cfg` says, resuming when asked; returns the outcome.
 
     Writes checkpoints, `best_model.pt` and `training_history.json` under `cfg.output_dir`.
+    Stops early, with a checkpoint to resume from, on SIGINT/SIGTERM or at the time budget.
     """
     run_dir = cfg.output_dir
-    files.remove_temporaries(run_dir)
-    files.remove_temporaries(checkpoint.checkpoint_dir(run_dir))
+    for directory in (run_dir, checkpoint.checkpoint_dir(run_dir)):
+        files.remove_temporaries(directory)
     train_blocks, val_blocks = corpus.blocks("train"), corpus.blocks("validation")
     steps = total_steps(cfg, len(train_blocks))
     state = new_state(cfg, device, model, steps)
     config = cfg.to_dict()
-    resumed = checkpoint.find_resume(run_dir, cfg.resume_from_checkpoint)
-    if resumed:
-        checkpoint.check_compatible(resumed[1], config, resumed[0])
-        state.load_state_dict(resumed[1])
-        log.info("resumed from %s at step %d", resumed[0], state.step)
+    _resume(state, cfg, config)
+    _check_disk_budget(state, cfg)
     files.write_json(run_dir / "run_config.json", config)
 
-    started = time.perf_counter()
-    window = _Window(state.tokens_seen)
-    bar = tqdm(total=steps, initial=state.step, desc="training", unit="step", mininterval=2.0,
-               dynamic_ncols=True)
-    while state.step < steps:
-        indices = next_step_blocks(state, len(train_blocks), cfg.train.seed, cfg.train.effective_batch)
-        outcome = optimizer_step(state, train_blocks[np.sort(indices)], device, cfg.train.max_grad_norm)
-        state.step += 1
-        state.tokens_seen += len(indices) * cfg.train.max_length
-        if outcome:
-            window.losses.append(outcome[0])
-            bar.set_postfix(_progress(state, outcome, window, device), refresh=False)
-        bar.update()
-        if state.step % cfg.train.eval_steps == 0 or state.step == steps:
-            _evaluate_and_record(state, cfg, config, device, val_blocks, window, started, steps)
-        if state.step % cfg.train.save_steps == 0 or state.step == steps:
-            _save_checkpoint(state, cfg, config)
-    bar.close()
-    return RunResult(state, StopReason.COMPLETED, run_dir, time.perf_counter() - started)
+    budget = stopping.TimeBudget(cfg.train.time_budget_minutes, cfg.started_at)
+    interrupt = stopping.InterruptFlag()
+    window, started, reason = _Window(state.tokens_seen), time.perf_counter(), StopReason.COMPLETED
+    with interrupt.installed(), tqdm(total=steps, initial=state.step, desc="training", unit="step",
+                                     mininterval=2.0, dynamic_ncols=True) as bar:
+        while state.step < steps:
+            if interrupt:  # between steps: the state is whole
+                reason = StopReason.INTERRUPTED
+                checkpoint.save(run_dir / checkpoint.EMERGENCY, state.state_dict(config))
+                break
+            if budget.exhausted():
+                reason = StopReason.TIME_BUDGET
+                _save_checkpoint(state, cfg, config)
+                break
+            indices = next_step_blocks(state, len(train_blocks), cfg.train.seed, cfg.train.effective_batch)
+            outcome = optimizer_step(state, train_blocks[np.sort(indices)], device, cfg.train.max_grad_norm)
+            state.step += 1
+            state.tokens_seen += len(indices) * cfg.train.max_length
+            state.step_losses.append(outcome[0] if outcome else math.nan)
+            if outcome:
+                window.losses.append(outcome[0])
+                bar.set_postfix(_progress(state, outcome, window, device), refresh=False)
+            bar.update()
+            if state.step % cfg.train.eval_steps == 0 or state.step == steps:
+                _evaluate_and_record(state, cfg, config, device, val_blocks, window, started, steps)
+            if state.step % cfg.train.save_steps == 0 or state.step == steps:
+                budget.save_took(_save_checkpoint(state, cfg, config))
+            budget.step_done()
+    return RunResult(state, reason, run_dir, time.perf_counter() - started, interrupt.signal_name)
+
+
+def _resume(state: TrainState, cfg: RunConfig, config: dict) -> None:
+    resumed = checkpoint.find_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    if resumed:
+        path, saved = resumed
+        checkpoint.check_compatible(saved, config, path)
+        state.load_state_dict(saved)
+        log.info("resumed from %s at step %d (epoch %d, block %d of its order)",
+                 path, state.step, state.epoch, state.position)
+
+
+def _check_disk_budget(state: TrainState, cfg: RunConfig) -> None:
+    """Print the projected peak disk use and refuse a run that cannot fit."""
+    weights = sum(p.numel() * p.element_size() for p in state.model.parameters())
+    per_checkpoint = 3 * weights + 2**20  # weights and AdamW's two moments, all fp32
+    # while rotating, one more checkpoint than kept exists; plus best, emergency and the export
+    peak = (cfg.train.max_checkpoints + 3) * per_checkpoint + weights
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    reusable = sum(p.stat().st_size for p in checkpoint.existing_files(cfg.output_dir))
+    free = shutil.disk_usage(cfg.output_dir).free + reusable
+    log.info("disk: about %.0f MB per checkpoint, projected peak %.2f GB, %.1f GB available in %s",
+             per_checkpoint / 2**20, peak / 2**30, free / 2**30, cfg.output_dir)
+    if peak > free:
+        raise OSError(28, f"this run would need about {peak / 2**30:.2f} GB in {cfg.output_dir} "
+                      f"({cfg.train.max_checkpoints} checkpoints of {per_checkpoint / 2**20:.0f} MB "
+                      f"plus best, emergency and final model), but only {free / 2**30:.2f} GB are "
+                      "free: lower max_checkpoints or free space")
 
 
 class _Window:
@@ -258,7 +304,12 @@ def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device
         checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(config))
 
 
-def _save_checkpoint(state: TrainState, cfg: RunConfig, config: dict) -> None:
+def _save_checkpoint(state: TrainState, cfg: RunConfig, config: dict) -> float:
+    """Checkpoint this step (once), rotate, and drop the emergency checkpoint it supersedes."""
     path = checkpoint.checkpoint_path(cfg.output_dir, state.epoch, state.step)
-    checkpoint.save(path, state.state_dict(config))
+    if path.exists():
+        return 0.0
+    seconds = checkpoint.save(path, state.state_dict(config))
     checkpoint.rotate(path.parent, cfg.train.max_checkpoints)
+    (cfg.output_dir / checkpoint.EMERGENCY).unlink(missing_ok=True)
+    return seconds

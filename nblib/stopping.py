@@ -1,0 +1,72 @@
+"""When a run must stop early: an interrupt or SIGTERM, the time budget, a streak of bad losses."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+class InterruptFlag:
+    """Turns SIGINT (Jupyter's interrupt button) and SIGTERM into a flag the loop checks between
+    optimizer steps, so the emergency checkpoint is never taken mid-step. A second SIGINT raises
+    KeyboardInterrupt at once, for a user who really means it."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal_name and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: stopping after the current optimizer step", self.signal_name)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle the signals inside the block; the previous handlers come back afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals reach only the main thread; nothing to install
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+@dataclass
+class TimeBudget:
+    """Stops training while the next step, a final checkpoint and the export still fit."""
+
+    minutes: float  # 0: no budget
+    started_at: float  # time.time() when the notebook started
+    step_seconds: float = 0.0  # running average of one optimizer step (evaluations included)
+    save_seconds: float = 0.0  # longest checkpoint save seen
+    _last: float = field(default_factory=time.perf_counter)
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        duration, self._last = now - self._last, now
+        self.step_seconds = duration if not self.step_seconds else 0.9 * self.step_seconds + 0.1 * duration
+
+    def save_took(self, seconds: float) -> None:
+        self.save_seconds = max(self.save_seconds, seconds)
+        self._last = time.perf_counter()  # a save is not part of the next step's time
+
+    def reserve_seconds(self) -> float:
+        """Time kept back for the final checkpoint, the best-model export and the test pass."""
+        return 3 * self.save_seconds + 2 * self.step_seconds + 10
+
+    def exhausted(self) -> bool:
+        if not self.minutes:
+            return False
+        left = self.minutes * 60 - (time.time() - self.started_at)
+        return self.step_seconds + self.reserve_seconds() > left
