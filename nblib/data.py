@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from . import files, sources, tokenizer as tokenizers
+from . import files, paths, sources, tokenizer as tokenizers
 from .config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,15 @@ def prepare(cfg: RunConfig) -> Corpus:
     resume starts training without tokenizing again. The block length is applied on reading,
     so a different `max_length` reuses the same cache.
     """
-    cache_dir = cfg.output_dir / "data_cache" / cache_key(cfg)
-    if not files.is_complete(cache_dir):
-        files.atomic_directory(cache_dir, lambda tmp: build_cache(cfg, tmp))
-    else:
-        log.info("reusing tokenized data in %s", cache_dir)
-    return open_cache(cache_dir, cfg.train.max_length)
+    own = cfg.output_dir / "data_cache" / cache_key(cfg)
+    files.remove_temporaries(own.parent)
+    # An earlier Kaggle session's output, attached as input, brings its cache along (read-only).
+    found = [d for d in [own, *paths.find_in_inputs(f"data_cache/{own.name}")] if files.is_complete(d)]
+    if found:
+        log.info("reusing tokenized data in %s", found[0])
+        return open_cache(found[0], cfg.train.max_length)
+    files.atomic_directory(own, lambda tmp: build_cache(cfg, tmp))
+    return open_cache(own, cfg.train.max_length)
 
 
 def cache_key(cfg: RunConfig) -> str:

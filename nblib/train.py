@@ -25,6 +25,7 @@ from .state import TrainState
 log = logging.getLogger(__name__)
 
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak, as nanoGPT does
+SAVE_BYTES_PER_SECOND = 50e6  # a cautious disk speed, until the first save is timed
 
 
 class StopReason(str, enum.Enum):
@@ -197,7 +198,8 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     _check_disk_budget(state, cfg)
     files.write_json(run_dir / "run_config.json", config)
 
-    budget = stopping.TimeBudget(cfg.train.time_budget_minutes, cfg.started_at)
+    budget = stopping.TimeBudget(cfg.train.time_budget_minutes, cfg.started_at,
+                                 save_seconds=checkpoint_bytes(model) / SAVE_BYTES_PER_SECOND)
     interrupt = stopping.InterruptFlag()
     window, started, reason = _Window(state.tokens_seen), time.perf_counter(), StopReason.COMPLETED
     with interrupt.installed(), tqdm(total=steps, initial=state.step, desc="training", unit="step",
@@ -238,10 +240,15 @@ def _resume(state: TrainState, cfg: RunConfig, config: dict) -> None:
                  path, state.step, state.epoch, state.position)
 
 
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About what one checkpoint weighs: weights and AdamW's two moments, all fp32."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**20
+
+
 def _check_disk_budget(state: TrainState, cfg: RunConfig) -> None:
     """Print the projected peak disk use and refuse a run that cannot fit."""
-    weights = sum(p.numel() * p.element_size() for p in state.model.parameters())
-    per_checkpoint = 3 * weights + 2**20  # weights and AdamW's two moments, all fp32
+    per_checkpoint = checkpoint_bytes(state.model)
+    weights = per_checkpoint // 3
     # while rotating, one more checkpoint than kept exists; plus best, emergency and the export
     peak = (cfg.train.max_checkpoints + 3) * per_checkpoint + weights
     cfg.output_dir.mkdir(parents=True, exist_ok=True)

@@ -64,3 +64,52 @@ def test_mismatching_config_is_refused_naming_the_keys(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"model.n_embd: checkpoint 128, run 64") as e:
         checkpoint.check_compatible(saved, run, tmp_path / "c.pt")
     assert "data.tokenizer" in str(e.value) and "vocab_size" not in str(e.value)
+
+
+def test_a_flipped_bit_inside_a_tensor_is_caught_by_the_checksum(tmp_path):
+    path = tmp_path / "c.pt"
+    checkpoint.save(path, fake(5, big=torch.arange(200_000, dtype=torch.float32)))
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10  # torch.load alone reads this back without complaint
+    path.write_bytes(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointError, match="do not match the checksum"):
+        checkpoint.load(path)
+
+
+def test_not_enough_space_is_refused_before_writing_and_keeps_the_previous(tmp_path, monkeypatch):
+    path = checkpoint.checkpoint_path(tmp_path, 0, 10)
+    checkpoint.save(path, fake(10))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil_usage(free=1000))
+    with pytest.raises(OSError, match="not enough space to write checkpoint_epoch0_step20.pt.*intact"):
+        checkpoint.save(checkpoint.checkpoint_path(tmp_path, 0, 20), fake(20))
+    assert checkpoint.load(path)["step"] == 10
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [path.name]
+
+
+def test_a_failed_write_is_a_clear_error_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = checkpoint.checkpoint_path(tmp_path, 0, 10)
+    checkpoint.save(path, fake(10))
+
+    def disk_full(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="could not write .*step20.pt: No space left on device; the earlier"):
+        checkpoint.save(checkpoint.checkpoint_path(tmp_path, 0, 20), fake(20))
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [path.name]
+
+
+def test_auto_finds_an_earlier_sessions_output_under_kaggle_input(tmp_path, monkeypatch):
+    inputs = tmp_path / "input"
+    earlier = inputs / "my-training-notebook"
+    checkpoint.save(checkpoint.checkpoint_path(earlier, 1, 3000), fake(3000))
+    checkpoint.save(checkpoint.checkpoint_path(earlier, 0, 2000), fake(2000))
+    monkeypatch.setattr(checkpoint.paths, "KAGGLE_INPUT", inputs)
+    path, ckpt = checkpoint.find_resume(tmp_path / "working", "auto")
+    assert ckpt["step"] == 3000 and path.is_relative_to(earlier)
+
+
+def shutil_usage(free):
+    import collections
+    return collections.namedtuple("usage", "total used free")(10**12, 0, free)

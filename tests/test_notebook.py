@@ -6,6 +6,8 @@ import datasets
 import papermill
 import pytest
 import torch
+
+from nblib import checkpoint
 from transformers import pipeline
 
 from conftest import wikitext_lines
@@ -69,3 +71,21 @@ def test_hub_shaped_stand_ins_parquet_wikitext_and_saved_tokenizer(tmp_path, tok
             tokenizer=str(tokenizer_dir), max_steps=12, eval_steps=6, save_steps=6)
     assert len(json.loads((run / "training_history.json").read_text())) == 2
     assert json.loads((run / "final_model" / "tokenizer_config.json").read_text())
+
+
+def test_time_budget_ends_normally_with_an_export_and_the_next_run_resumes(tmp_path):
+    run = tmp_path / "run"
+    params = dict(preset="smoke", output_dir=str(run), max_steps=1_000_000, save_steps=100_000,
+                  eval_steps=200, time_budget_minutes=0.4)
+    nb = execute(tmp_path, **params)  # papermill raises on any failed cell: this one ends normally
+    assert "stopped at the time budget; resume with resume_from_checkpoint='auto'" in outputs_text(nb)
+    assert (run / "final_model" / "model.safetensors").is_file()
+    assert (run / "training_curves.png").is_file()
+    first_stop = checkpoint.list_checkpoints(run / "checkpoints")[-1][0]
+
+    execute(tmp_path, **params)
+    second_stop = checkpoint.list_checkpoints(run / "checkpoints")[-1][0]
+    history = json.loads((run / "training_history.json").read_text())
+    assert second_stop > first_stop and history[-1]["step"] > first_stop
+    steps = [r["step"] for r in history]
+    assert steps == sorted(set(steps))  # the history continues: no step recorded twice

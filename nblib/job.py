@@ -1,0 +1,32 @@
+"""The notebook's path in one call, for scripts and worker processes: `python -m nblib.job params.json`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import config, data, hardware, model, state, train
+
+
+def run(params: Mapping[str, Any]) -> train.RunResult:
+    """Resolve `params`, prepare the data, build the model and train it: the notebook's cells
+    from setup to train, with no export."""
+    cfg = config.resolve(params)
+    device = hardware.detect(cfg.train.precision)
+    state.seed_everything(cfg.train.seed)
+    corpus = data.prepare(cfg)
+    return train.run(cfg, device, model.build(cfg.model, corpus.tokenizer), corpus)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train as the notebook does, without Jupyter")
+    parser.add_argument("params", type=Path, help="a JSON file of notebook parameters")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(run(json.loads(args.params.read_text())).describe(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

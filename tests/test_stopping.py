@@ -1,0 +1,26 @@
+import signal
+import time
+
+import pytest
+
+from nblib import stopping
+
+
+def test_time_budget_stops_while_a_step_save_and_export_still_fit():
+    budget = stopping.TimeBudget(minutes=1, started_at=time.time() - 40)
+    budget.step_seconds, budget.save_seconds = 1.0, 2.0
+    assert budget.reserve_seconds() == pytest.approx(3 * 2.0 + 2 * 1.0 + 10)
+    assert not budget.exhausted()  # 20 s left > 1 + 18
+    budget.save_seconds = 3.0
+    assert budget.exhausted()  # 20 s left < 1 + 21
+    assert not stopping.TimeBudget(minutes=0, started_at=0).exhausted()
+
+
+def test_sigterm_sets_the_flag_and_a_second_sigint_raises():
+    flag = stopping.InterruptFlag()
+    with flag.installed():
+        signal.raise_signal(signal.SIGTERM)
+        assert flag and flag.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
