@@ -40,7 +40,9 @@ def start(tmp_path, params, slow_fsync=0.0):
         [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "params.json"),
          str(tmp_path / "steps.log"), str(slow_fsync)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        # One intra-op thread: with two, PyTorch's CPU kernels differ by an ulp between processes
+        # in about half of these runs, even at the first step with no resume involved (measured).
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
 
 
 def logged_steps(tmp_path):
