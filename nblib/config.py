@@ -55,6 +55,7 @@ class TrainConfig:
     precision: str  # auto, fp32, fp16 or bf16
     seed: int  # seeds weights, data order and dropout
     time_budget_minutes: float  # stop, save and export before this; 0: no budget
+    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     eval_batches: int = 50  # validation batches per evaluation (a fixed subset)
 
     @property
@@ -131,14 +132,14 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
 
 # Values no preset changes; "" and None in the notebook fall back to these.
 PARAMETER_DEFAULTS = dict(output_dir="", text_column="text", precision="auto", seed=42,
-                          resume_from_checkpoint="", dry_run=False)
+                          resume_from_checkpoint="", dry_run=False, max_bad_steps=10)
 
 PARAMETERS = (
     "preset", "output_dir", "dataset", "dataset_config", "text_column", "tokenizer",
     "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "dropout",
     "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm",
     "epochs", "max_steps", "warmup_steps", "max_length", "save_steps", "eval_steps",
-    "max_checkpoints", "time_budget_minutes", "resume_from_checkpoint", "precision", "seed", "dry_run",
+    "max_checkpoints", "time_budget_minutes", "max_bad_steps", "resume_from_checkpoint", "precision", "seed", "dry_run",
 )
 
 
@@ -183,7 +184,7 @@ def _build(preset: str, v: dict[str, Any]) -> RunConfig:
 
 _INTS = ("n_positions", "n_embd", "n_layer", "n_head", "n_inner", "batch_size",
          "gradient_accumulation_steps", "epochs", "max_steps", "warmup_steps", "max_length",
-         "save_steps", "eval_steps", "max_checkpoints", "seed")
+         "save_steps", "eval_steps", "max_checkpoints", "max_bad_steps", "seed")
 _FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "dropout", "time_budget_minutes")
 
 
@@ -216,6 +217,7 @@ def validate(cfg: RunConfig) -> list[str]:
                     gradient_accumulation_steps=t.gradient_accumulation_steps,
                     epochs=t.epochs, max_length=t.max_length, save_steps=t.save_steps,
                     eval_steps=t.eval_steps, max_checkpoints=t.max_checkpoints,
+                    max_bad_steps=t.max_bad_steps,
                     learning_rate=t.learning_rate, max_grad_norm=t.max_grad_norm)
     problems += [f"{k}={v!r}: must be > 0" for k, v in positive.items() if v <= 0]
     non_negative = dict(max_steps=t.max_steps, warmup_steps=t.warmup_steps,

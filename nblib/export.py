@@ -7,6 +7,7 @@ from pathlib import Path
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from . import checkpoint, files
+from .step import weights_are_finite
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,13 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
     """Write model (safetensors), config, generation config and tokenizer to `run_dir/final_model`.
 
     The directory is swapped in whole, so a kill mid-export keeps the previous export.
+
+    Raises:
+        ValueError: the weights hold NaN or infinity (nothing is written).
     """
+    if not weights_are_finite(model):
+        raise ValueError("refusing to export: the model's weights are not finite; load "
+                         "best_model.pt (export.load_best_weights) or resume from a checkpoint")
     model.generation_config = GenerationConfig(
         do_sample=True, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=max_new_tokens,
         bos_token_id=model.config.bos_token_id, eos_token_id=tokenizer.eos_token_id,

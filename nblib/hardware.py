@@ -9,7 +9,11 @@ from pathlib import Path
 
 import torch
 
+from .config import RunConfig
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CPU_TOKENS_PER_SECOND = 600  # the guide's model, fp32, B=8, T=512, on a 2-core development machine
+WIKITEXT103_TRAIN_TOKENS = 120_000_000  # about, with the GPT-2 tokenizer
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,37 @@ def detect(precision: str = "auto") -> Device:
                       cpu_features=features)
     props = torch.cuda.get_device_properties(0)
     capability = (props.major, props.minor)
+    check_kernels(props.name, capability, torch.cuda.get_arch_list())
     return Device(torch.device("cuda", 0), _gpu_precision(precision, capability),
                   gpu_name=props.name, compute_capability=capability,
                   gpu_memory_gb=props.total_memory / 2**30,
                   gpu_count=torch.cuda.device_count(), cpu_features=features)
+
+
+def check_kernels(name: str, capability: tuple[int, int], arch_list: list[str]) -> None:
+    """Refuse, before any CUDA work, a GPU this torch build has no kernels for (Kaggle's P100,
+    compute capability 6.0, under a torch built without sm_60)."""
+    major, minor = capability
+    runs = any(a == f"sm_{major}{m}" for a in arch_list for m in range(minor + 1)) or any(
+        a.startswith("compute_") and int(a[len("compute_"):]) <= major * 10 + minor for a in arch_list)
+    if not runs:
+        raise RuntimeError(
+            f"the installed PyTorch {torch.__version__} has no kernels for this GPU ({name}, compute "
+            f"capability {major}.{minor}; it was built for {' '.join(arch_list)}). On Kaggle, open the "
+            "notebook's settings and choose Accelerator: GPU T4.")
+
+
+def cpu_warning(cfg: RunConfig, device: Device) -> str:
+    """A warning for the GPU preset on a CPU, with a rough time estimate; "" when there is none."""
+    if device.is_cuda or cfg.preset != "kaggle-t4":
+        return ""
+    t = cfg.train
+    tokens = t.max_steps * t.tokens_per_step or t.epochs * WIKITEXT103_TRAIN_TOKENS
+    hours = tokens / CPU_TOKENS_PER_SECOND / 3600
+    return (f"WARNING: preset 'kaggle-t4' is meant for a GPU, and this machine has none. At about "
+            f"{CPU_TOKENS_PER_SECOND} tokens/s (measured on a 2-core CPU) its {tokens / 1e6:,.0f}M "
+            f"training tokens would take about {hours:,.0f} hours. Choose GPU T4 in the notebook's "
+            "settings, or use preset='cpu-demo' (about 10 minutes on a CPU).")
 
 
 def _cpu_precision(precision: str, features: tuple[str, ...]) -> str:

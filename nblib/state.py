@@ -27,6 +27,9 @@ class TrainState:
     val_loss: float = math.nan  # latest validation loss
     history: list[dict[str, Any]] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)  # one per optimizer step, NaN if skipped
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradients)
+    bad_streak: int = 0  # consecutive steps with a non-finite loss
+    events: list[dict[str, Any]] = field(default_factory=list)  # OOM back-offs, in order
 
     def state_dict(self, config: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint that `torch.load(path, weights_only=True)` can read: tensors and primitives."""
@@ -41,7 +44,8 @@ class TrainState:
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "rng_state": capture_rng(), "history": list(self.history),
-            "step_losses": list(self.step_losses), "config": config,
+            "step_losses": list(self.step_losses), "skipped_steps": self.skipped_steps,
+            "bad_streak": self.bad_streak, "events": list(self.events), "config": config,
         }
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
@@ -56,6 +60,9 @@ class TrainState:
             setattr(self, name, checkpoint[name])
         self.history = list(checkpoint["history"])
         self.step_losses = list(checkpoint.get("step_losses", []))
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        self.bad_streak = checkpoint.get("bad_streak", 0)
+        self.events = list(checkpoint.get("events", []))
         restore_rng(checkpoint["rng_state"])
 
 

@@ -8,23 +8,21 @@ import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint, files, stopping
+from . import checkpoint, files, memory, stopping
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
 from .state import TrainState
+from .step import StepOutcome, evaluate, new_state, optimizer_step, perplexity, weights_are_finite
 
 log = logging.getLogger(__name__)
 
-MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak, as nanoGPT does
 SAVE_BYTES_PER_SECOND = 50e6  # a cautious disk speed, until the first save is timed
 
 
@@ -51,28 +49,22 @@ class RunResult:
     def describe(self) -> str:
         """What happened, and what to do next."""
         s = self.state
-        facts = (f"{s.step} steps, {s.tokens_seen:,} tokens in {self.elapsed_seconds:.0f} s; best "
-                 f"validation loss {s.best_val_loss:.4f} (perplexity {perplexity(s.best_val_loss):.1f})")
+        facts = (f"{s.step} steps, {s.tokens_seen:,} tokens in {self.elapsed_seconds:.0f} s, "
+                 f"{s.skipped_steps} skipped; best validation loss {s.best_val_loss:.4f} "
+                 f"(perplexity {perplexity(s.best_val_loss):.1f})")
+        emergency = self.run_dir / checkpoint.EMERGENCY
         resume = "resume with resume_from_checkpoint='auto'"
         advice = {
             StopReason.COMPLETED: "completed",
             StopReason.TIME_BUDGET: f"stopped at the time budget; {resume}",
-            StopReason.INTERRUPTED: (f"interrupted by {self.signal_name}: saved "
-                                     f"{self.run_dir / checkpoint.EMERGENCY}; {resume}"),
+            StopReason.INTERRUPTED: f"interrupted by {self.signal_name}: saved {emergency}; {resume}",
+            StopReason.BAD_LOSS: (f"stopped after {s.bad_streak} steps in a row with a non-finite "
+                                  f"loss: saved {emergency} from the last good weights; lower "
+                                  f"learning_rate, then {resume}"),
+            StopReason.OUT_OF_MEMORY: (f"out of memory even with a micro-batch of 1: saved "
+                                       f"{emergency}; reduce max_length, n_embd or n_layer"),
         }
-        return f"{advice.get(self.stop_reason, self.stop_reason.value)}: {facts}"
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak learning rate at `step`: linear warm-up, then cosine decay."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
+        return f"{advice[self.stop_reason]}: {facts}"
 
 
 def total_steps(cfg: RunConfig, n_train_blocks: int) -> int:
@@ -86,111 +78,30 @@ def total_steps(cfg: RunConfig, n_train_blocks: int) -> int:
     return cfg.train.max_steps or cfg.train.epochs * per_epoch
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: Device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, norms); fused on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(0.9, 0.95),
-                             fused=device.is_cuda)
-
-
-def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int) -> TrainState:
-    model.to(device.device)
-    optimizer = build_optimizer(model, cfg, device)
-    schedule = partial(lr_factor, warmup_steps=cfg.train.warmup_steps, total_steps=steps)
-    return TrainState(
-        model=model, optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-        scaler=torch.amp.GradScaler(device.device.type) if device.uses_grad_scaler else None,
-        batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
-
-
 def epoch_order(n_blocks: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled block order of one epoch: a pure function of seed and epoch."""
     return np.random.default_rng([seed, epoch]).permutation(n_blocks)
 
 
-def next_step_blocks(state: TrainState, n_blocks: int, seed: int, effective_batch: int) -> np.ndarray:
-    """Indices of the blocks for the next optimizer step; moves the data position on."""
-    if state.position + effective_batch > n_blocks:  # the epoch's remainder is dropped
-        state.epoch, state.position = state.epoch + 1, 0
-    order = epoch_order(n_blocks, seed, state.epoch)
-    indices = order[state.position: state.position + effective_batch]
-    state.position += effective_batch
-    return indices
-
-
-def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T+1) token blocks -> inputs and targets, each (B, T) int64 on the device."""
-    tokens = torch.from_numpy(blocks.astype(np.int64))
-    if device.is_cuda:
-        tokens = tokens.pin_memory().to(device.device, non_blocking=True)
-    return tokens[:, :-1], tokens[:, 1:]
-
-
-def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: Device) -> torch.Tensor:
-    with device.autocast():
-        logits = model(input_ids=inputs).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_grad_norm: float) -> tuple[float, float] | None:
-    """One optimizer step over `blocks`, in micro-batches of `state.batch_size`.
-
-    Returns (mean loss, gradient norm), or None when the step was skipped because the loss
-    or the gradient norm was not finite.
-    """
-    model, optimizer = state.model, state.optimizer
-    model.train()
-    micro_batches = np.array_split(blocks, state.gradient_accumulation_steps)
-    loss_sum = torch.zeros((), device=device.device)  # summed on the device: no sync per micro-step
-    for micro in micro_batches:
-        inputs, targets = to_batch(micro, device)
-        loss = loss_of(model, inputs, targets, device) * (len(micro) / len(blocks))
-        (state.scaler.scale(loss) if state.scaler else loss).backward()
-        loss_sum += loss.detach()
-    if state.scaler:
-        state.scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    loss_value, norm_value = loss_sum.item(), grad_norm.item()
-    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-    if state.scaler:
-        state.scaler.step(optimizer)  # skips the update itself on inf/nan gradients
-        state.scaler.update()
-    elif finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    state.scheduler.step()
-    return (loss_value, norm_value) if finite else None
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, blocks: np.ndarray, device: Device, batch_size: int,
-             max_batches: int | None = None) -> float:
-    """Mean loss over the first `max_batches` batches of `blocks` (the same subset every time;
-    None: all of them)."""
-    model.eval()
-    n = len(blocks) if max_batches is None else min(len(blocks), batch_size * max_batches)
-    total, count = torch.zeros((), device=device.device), 0
-    for start in range(0, n, batch_size):
-        inputs, targets = to_batch(blocks[start:start + batch_size], device)
-        total += loss_of(model, inputs, targets, device) * len(inputs)
-        count += len(inputs)
-    return (total / max(count, 1)).item()
+def step_blocks(n_blocks: int, seed: int, epoch: int, position: int, count: int) -> tuple[np.ndarray, int, int]:
+    """The next `count` block indices from (epoch, position), and the (epoch, position) after."""
+    if position + count > n_blocks:  # the epoch's remainder is dropped
+        epoch, position = epoch + 1, 0
+    return epoch_order(n_blocks, seed, epoch)[position: position + count], epoch, position + count
 
 
 def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) -> RunResult:
     """Train `model` on `corpus` as `cfg` says, resuming when asked; returns the outcome.
 
     Writes checkpoints, `best_model.pt` and `training_history.json` under `cfg.output_dir`.
-    Stops early, with a checkpoint to resume from, on SIGINT/SIGTERM or at the time budget.
+    Stops early with a checkpoint to resume from: on SIGINT/SIGTERM, at the time budget, after
+    `max_bad_steps` non-finite losses in a row, or when even a micro-batch of 1 is out of memory.
     """
-    run_dir = cfg.output_dir
+    run_dir, t = cfg.output_dir, cfg.train
     for directory in (run_dir, checkpoint.checkpoint_dir(run_dir)):
         files.remove_temporaries(directory)
-    train_blocks, val_blocks = corpus.blocks("train"), corpus.blocks("validation")
+    train_blocks = corpus.blocks("train")
+    val_blocks = corpus.blocks("validation")[: t.batch_size * t.eval_batches]  # a fixed subset
     steps = total_steps(cfg, len(train_blocks))
     state = new_state(cfg, device, model, steps)
     config = cfg.to_dict()
@@ -198,36 +109,59 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     _check_disk_budget(state, cfg)
     files.write_json(run_dir / "run_config.json", config)
 
-    budget = stopping.TimeBudget(cfg.train.time_budget_minutes, cfg.started_at,
+    budget = stopping.TimeBudget(t.time_budget_minutes, cfg.started_at,
                                  save_seconds=checkpoint_bytes(model) / SAVE_BYTES_PER_SECOND)
     interrupt = stopping.InterruptFlag()
     window, started, reason = _Window(state.tokens_seen), time.perf_counter(), StopReason.COMPLETED
     with interrupt.installed(), tqdm(total=steps, initial=state.step, desc="training", unit="step",
                                      mininterval=2.0, dynamic_ncols=True) as bar:
         while state.step < steps:
-            if interrupt:  # between steps: the state is whole
-                reason = StopReason.INTERRUPTED
-                checkpoint.save(run_dir / checkpoint.EMERGENCY, state.state_dict(config))
+            if interrupt or budget.exhausted():  # between steps: the state is whole
+                reason = StopReason.INTERRUPTED if interrupt else StopReason.TIME_BUDGET
                 break
-            if budget.exhausted():
-                reason = StopReason.TIME_BUDGET
-                _save_checkpoint(state, cfg, config)
+            indices, epoch, position = step_blocks(len(train_blocks), t.seed, state.epoch,
+                                                   state.position, t.effective_batch)
+            try:
+                outcome = optimizer_step(state, train_blocks[np.sort(indices)], device, t.max_grad_norm)
+            except memory.OutOfMemoryAtMicroBatchOne:
+                reason = StopReason.OUT_OF_MEMORY  # the position stays before this step
                 break
-            indices = next_step_blocks(state, len(train_blocks), cfg.train.seed, cfg.train.effective_batch)
-            outcome = optimizer_step(state, train_blocks[np.sort(indices)], device, cfg.train.max_grad_norm)
-            state.step += 1
-            state.tokens_seen += len(indices) * cfg.train.max_length
-            state.step_losses.append(outcome[0] if outcome else math.nan)
-            if outcome:
-                window.losses.append(outcome[0])
-                bar.set_postfix(_progress(state, outcome, window, device), refresh=False)
+            state.epoch, state.position = epoch, position
+            _count_step(state, outcome, len(indices) * t.max_length, window)
+            bar.set_postfix(_progress(state, outcome, window, device), refresh=False)
             bar.update()
-            if state.step % cfg.train.eval_steps == 0 or state.step == steps:
+            if state.step % t.eval_steps == 0 or state.step == steps:
                 _evaluate_and_record(state, cfg, config, device, val_blocks, window, started, steps)
-            if state.step % cfg.train.save_steps == 0 or state.step == steps:
+            if state.step % t.save_steps == 0 or state.step == steps:
                 budget.save_took(_save_checkpoint(state, cfg, config))
+            if state.bad_streak >= t.max_bad_steps:
+                reason = StopReason.BAD_LOSS
+                break
             budget.step_done()
+    _save_on_stop(reason, state, cfg, config)
     return RunResult(state, reason, run_dir, time.perf_counter() - started, interrupt.signal_name)
+
+
+def _count_step(state: TrainState, outcome: StepOutcome, tokens: int, window: "_Window") -> None:
+    state.step += 1
+    state.tokens_seen += tokens
+    state.step_losses.append(outcome.loss if outcome.applied else math.nan)
+    state.skipped_steps += not outcome.applied
+    state.bad_streak = state.bad_streak + 1 if outcome.bad_loss else 0
+    if outcome.applied:
+        window.losses.append(outcome.loss)
+    elif outcome.bad_loss:
+        log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)",
+                    state.step, outcome.loss, outcome.grad_norm, state.bad_streak)
+
+
+def _save_on_stop(reason: StopReason, state: TrainState, cfg: RunConfig, config: dict) -> None:
+    """A resumable checkpoint for every early stop; an emergency one when something went wrong."""
+    if reason is StopReason.TIME_BUDGET:
+        _save_checkpoint(state, cfg, config)
+    elif reason is not StopReason.COMPLETED:
+        # Skipped steps changed no weights, so for a bad loss these are the last good ones.
+        checkpoint.save(cfg.output_dir / checkpoint.EMERGENCY, state.state_dict(config))
 
 
 def _resume(state: TrainState, cfg: RunConfig, config: dict) -> None:
@@ -277,9 +211,9 @@ class _Window:
         self.__init__(tokens_seen)
 
 
-def _progress(state: TrainState, outcome: tuple[float, float], window: _Window, device: Device) -> dict:
-    shown = {"loss": f"{outcome[0]:.3f}", "lr": f"{state.scheduler.get_last_lr()[0]:.2e}",
-             "grad_norm": f"{outcome[1]:.2f}",
+def _progress(state: TrainState, outcome: StepOutcome, window: _Window, device: Device) -> dict:
+    shown = {"loss": f"{outcome.loss:.3f}", "lr": f"{state.scheduler.get_last_lr()[0]:.2e}",
+             "grad_norm": f"{outcome.grad_norm:.2f}",
              "tok/s": f"{window.tokens_per_second(state.tokens_seen):,.0f}"}
     if device.is_cuda:
         shown["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}GB"
@@ -289,8 +223,9 @@ def _progress(state: TrainState, outcome: tuple[float, float], window: _Window, 
 def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device: Device,
                          val_blocks: np.ndarray, window: _Window, started: float, total: int) -> None:
     """Validation loss into the history (one record per evaluation); a new best is saved."""
-    state.val_loss = evaluate(state.model, val_blocks, device, state.batch_size, cfg.train.eval_batches)
+    state.val_loss = evaluate(state.model, val_blocks, device, cfg.train.batch_size)
     state.train_loss = float(np.mean(window.losses)) if window.losses else math.nan
+    recorded = sum(len(r.get("events", [])) for r in state.history)
     state.history.append({
         "epoch": state.epoch, "step": state.step, "tokens_seen": state.tokens_seen,
         "train_loss": state.train_loss, "val_loss": state.val_loss,
@@ -299,6 +234,10 @@ def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device
         "tokens_per_second": window.tokens_per_second(state.tokens_seen),
         "elapsed_seconds": time.perf_counter() - started,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "batch_size": state.batch_size,
+        "gradient_accumulation_steps": state.gradient_accumulation_steps,
+        "skipped_steps": state.skipped_steps,
+        "events": state.events[recorded:],  # OOM back-offs since the previous record
     })
     window.reset(state.tokens_seen)
     record = state.history[-1]
@@ -306,7 +245,7 @@ def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device
              "%.0f s", state.step, total, state.train_loss, state.val_loss, record["val_perplexity"],
              record["learning_rate"], record["tokens_per_second"], record["elapsed_seconds"])
     files.write_json(cfg.output_dir / "training_history.json", state.history)
-    if math.isfinite(state.val_loss) and state.val_loss < state.best_val_loss:
+    if state.val_loss < state.best_val_loss and weights_are_finite(state.model):
         state.best_val_loss = state.val_loss
         checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(config))
 

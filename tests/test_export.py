@@ -43,3 +43,14 @@ def test_generate_command_line(tiny_config, capsys):
     final = export.final_model(net, corpus.tokenizer, tiny_config.output_dir)
     generate.main(["--model", str(final), "--prompt", "the city", "--max-new-tokens", "4"])
     assert capsys.readouterr().out.startswith("the city")
+
+
+def test_non_finite_weights_are_never_exported(tiny_config):
+    import pytest
+    corpus = data.prepare(tiny_config)
+    net = model.build(tiny_config.model, corpus.tokenizer)
+    with torch.no_grad():
+        net.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weights are not finite"):
+        export.final_model(net, corpus.tokenizer, tiny_config.output_dir)
+    assert not (tiny_config.output_dir / "final_model").exists()

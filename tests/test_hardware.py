@@ -24,3 +24,22 @@ def test_detect_here_describes_the_machine():
     assert "precision fp32" in device.describe()
     with device.autocast():
         assert torch.ones(1).dtype == torch.float32
+
+
+def test_a_gpu_without_kernels_in_this_torch_is_refused_with_the_fix():
+    archs = ["sm_70", "sm_75", "sm_80", "sm_86", "sm_90", "compute_90"]
+    hardware.check_kernels("Tesla T4", (7, 5), archs)
+    hardware.check_kernels("NVIDIA A10G", (8, 6), archs)
+    hardware.check_kernels("NVIDIA L4", (8, 9), archs)  # sm_86 cubins run on 8.9
+    with pytest.raises(RuntimeError, match=r"no kernels for this GPU \(Tesla P100-PCIE-16GB, compute "
+                                           r"capability 6.0.*choose Accelerator: GPU T4"):
+        hardware.check_kernels("Tesla P100-PCIE-16GB", (6, 0), archs)
+
+
+def test_the_gpu_preset_on_a_cpu_warns_with_an_estimate(tmp_path):
+    from nblib import config
+    cpu = hardware.Device(torch.device("cpu"), "fp32")
+    warning = hardware.cpu_warning(config.resolve({"preset": "kaggle-t4", "output_dir": str(tmp_path)}), cpu)
+    assert "meant for a GPU" in warning and "360M training tokens would take about 167 hours" in warning
+    assert "preset='cpu-demo'" in warning
+    assert hardware.cpu_warning(config.resolve({"preset": "smoke", "output_dir": str(tmp_path)}), cpu) == ""

@@ -15,23 +15,6 @@ def run_tiny(cfg):
     return train.run(cfg, hardware.detect(cfg.train.precision), net, corpus), net
 
 
-def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
-    factors = [train.lr_factor(s, warmup_steps=10, total_steps=110) for s in range(111)]
-    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
-    assert factors[10] == pytest.approx(1.0)
-    assert factors[60] == pytest.approx(0.55)
-    assert factors[110] == pytest.approx(train.MIN_LR_RATIO)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
-
-
-def test_weight_decay_only_on_matrices(tiny_config):
-    net = model.build(tiny_config.model, data.prepare(tiny_config).tokenizer)
-    opt = train.build_optimizer(net, tiny_config, hardware.detect("fp32"))
-    decay, no_decay = opt.param_groups
-    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.01
-    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-
-
 def test_epoch_order_is_seeded_and_covers_every_block_once():
     order = train.epoch_order(100, seed=3, epoch=1)
     assert sorted(order) == list(range(100))

@@ -1,0 +1,132 @@
+"""The arithmetic of training: optimizer and schedule, one optimizer step, evaluation."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import memory
+from .config import RunConfig
+from .hardware import Device
+from .state import TrainState
+
+MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak, as nanoGPT does
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    loss: float  # mean loss over the step's blocks
+    grad_norm: float  # before clipping
+    applied: bool  # False: skipped, the loss or the gradients were not finite
+
+    @property
+    def bad_loss(self) -> bool:
+        """A non-finite loss or norm that no loss scaler explains (fp16 overflow is the scaler's)."""
+        return not math.isfinite(self.loss)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warm-up, then cosine decay."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: Device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, norms); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.learning_rate, betas=(0.9, 0.95),
+                             fused=device.is_cuda)
+
+
+def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int) -> TrainState:
+    """Model on the device, AdamW, warm-up/cosine schedule, and a GradScaler for fp16."""
+    model.to(device.device)
+    optimizer = build_optimizer(model, cfg, device)
+    schedule = partial(lr_factor, warmup_steps=cfg.train.warmup_steps, total_steps=steps)
+    return TrainState(
+        model=model, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        scaler=torch.amp.GradScaler(device.device.type) if device.uses_grad_scaler else None,
+        batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+
+
+def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) token blocks -> inputs and targets, each (B, T) int64 on the device."""
+    tokens = torch.from_numpy(blocks.astype(np.int64))
+    if device.is_cuda:
+        tokens = tokens.pin_memory().to(device.device, non_blocking=True)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: Device) -> torch.Tensor:
+    with device.autocast():
+        logits = model(input_ids=inputs).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device) -> torch.Tensor:
+    """Forward and backward over `blocks` in `state.gradient_accumulation_steps` micro-batches;
+    returns the mean loss as a device tensor (no host sync per micro-step)."""
+    state.model.train()
+    loss_sum = torch.zeros((), device=device.device)
+    for micro in np.array_split(blocks, state.gradient_accumulation_steps):
+        inputs, targets = to_batch(micro, device)
+        loss = loss_of(state.model, inputs, targets, device) * (len(micro) / len(blocks))
+        (state.scaler.scale(loss) if state.scaler else loss).backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_grad_norm: float) -> StepOutcome:
+    """One optimizer step over `blocks` (the whole effective batch), with OOM recovery.
+
+    An OOM halves the micro-batch and retries the same blocks. A non-finite loss or gradient
+    norm skips the update (the GradScaler does so itself for fp16 overflow).
+    """
+    optimizer = state.optimizer
+    reset = partial(optimizer.zero_grad, set_to_none=True)
+    loss_sum = memory.retry_on_oom(state, len(blocks), lambda: accumulate_gradients(state, blocks, device), reset)
+    if state.scaler:
+        state.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_grad_norm)
+    loss, norm = loss_sum.item(), grad_norm.item()  # the one host sync per optimizer step
+    applied = math.isfinite(loss) and math.isfinite(norm)
+    if state.scaler:
+        state.scaler.step(optimizer)  # skips the update itself on inf/nan gradients
+        state.scaler.update()
+    elif applied:
+        optimizer.step()
+    reset()
+    state.scheduler.step()
+    return StepOutcome(loss, norm, applied)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, blocks: np.ndarray, device: Device, batch_size: int) -> float:
+    """Mean loss over `blocks`; an OOM retries with a smaller eval batch."""
+    def mean_loss(eval_batch: int) -> float:
+        model.eval()
+        total = torch.zeros((), device=device.device)
+        for start in range(0, len(blocks), eval_batch):
+            inputs, targets = to_batch(blocks[start:start + eval_batch], device)
+            total += loss_of(model, inputs, targets, device) * len(inputs)
+        return (total / max(len(blocks), 1)).item()
+
+    return memory.evaluate_with_backoff(mean_loss, batch_size)
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())

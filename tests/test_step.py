@@ -1,0 +1,75 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nblib import checkpoint, config, data, hardware, model, step, train
+from conftest import tiny_params
+from test_train import run_tiny
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
+    factors = [step.lr_factor(s, warmup_steps=10, total_steps=110) for s in range(111)]
+    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[60] == pytest.approx(0.55)
+    assert factors[110] == pytest.approx(step.MIN_LR_RATIO)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+def test_weight_decay_only_on_matrices(tiny_config):
+    net = model.build(tiny_config.model, data.prepare(tiny_config).tokenizer)
+    opt = step.build_optimizer(net, tiny_config, hardware.detect("fp32"))
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.01
+    assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+
+
+@pytest.fixture
+def nan_on_steps(monkeypatch):
+    """Poison the logits of the training forward passes that belong to the given (1-based) steps."""
+    from transformers import GPT2LMHeadModel
+    forward = GPT2LMHeadModel.forward
+
+    def install(bad_steps, micro_per_step):
+        calls = {"n": 0}
+
+        def patched(self, *args, **kwargs):
+            out = forward(self, *args, **kwargs)
+            if self.training:
+                calls["n"] += 1
+                if (calls["n"] - 1) // micro_per_step + 1 in bad_steps:
+                    out.logits = out.logits * float("nan")
+            return out
+
+        monkeypatch.setattr(GPT2LMHeadModel, "forward", patched)
+    return install
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_nan_loss_skips_the_update_and_is_counted(tiny_config, nan_on_steps, precision):
+    from dataclasses import replace
+    cfg = replace(tiny_config, train=replace(tiny_config.train, precision=precision))
+    nan_on_steps({3, 4}, micro_per_step=cfg.train.gradient_accumulation_steps)
+    result, net = run_tiny(cfg)
+    s = result.state
+    assert result.stop_reason is train.StopReason.COMPLETED and s.step == 12
+    assert s.skipped_steps == 2 and math.isnan(s.step_losses[2]) and math.isnan(s.step_losses[3])
+    assert result.history[0]["skipped_steps"] == 2
+    assert step.weights_are_finite(net)
+
+
+def test_a_streak_of_bad_losses_stops_with_the_last_good_weights(tmp_path, wikitext_file, tokenizer_dir, nan_on_steps):
+    cfg = config.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
+                                     max_steps=40, max_bad_steps=5, save_steps=100, eval_steps=2))
+    nan_on_steps(set(range(4, 100)), micro_per_step=cfg.train.gradient_accumulation_steps)
+    result, net = run_tiny(cfg)
+    assert result.stop_reason is train.StopReason.BAD_LOSS and result.state.step == 3 + 5
+    assert "lower learning_rate" in result.describe()
+    emergency = checkpoint.load(cfg.output_dir / checkpoint.EMERGENCY)
+    assert all(torch.isfinite(t).all() for t in emergency["model_state_dict"].values())
+    best = checkpoint.load(cfg.output_dir / checkpoint.BEST_MODEL)
+    assert best["step"] <= 4 and math.isfinite(best["val_loss"])  # steps 4+ changed nothing
