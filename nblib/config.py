@@ -25,6 +25,9 @@ class DataConfig:
     dataset_config: str  # Hub configuration name, "" for none
     text_column: str  # column that holds the text
     tokenizer: str  # "gpt2", "bpe:<vocab size>" or a saved tokenizer directory
+    stride: int | None = None  # tokens between block starts; None: max_length + 1 (disjoint)
+    drop_remainder: bool = True  # False: a last block ends at the stream's end
+    token_key: str = ""  # pre-tokenized JSONL: the key of the id lists ("": input_ids or tokens)
 
 
 @dataclass(frozen=True)
@@ -132,10 +135,12 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
 
 # Values no preset changes; "" and None in the notebook fall back to these.
 PARAMETER_DEFAULTS = dict(output_dir="", text_column="text", precision="auto", seed=42,
-                          resume_from_checkpoint="", dry_run=False, max_bad_steps=10)
+                          resume_from_checkpoint="", dry_run=False, max_bad_steps=10, stride=None,
+                          drop_remainder=True, token_key="")
 
 PARAMETERS = (
-    "preset", "output_dir", "dataset", "dataset_config", "text_column", "tokenizer",
+    "preset", "output_dir", "dataset", "dataset_config", "text_column", "tokenizer", "stride",
+    "drop_remainder", "token_key",
     "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "dropout",
     "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm",
     "epochs", "max_steps", "warmup_steps", "max_length", "save_steps", "eval_steps",
@@ -199,12 +204,14 @@ def _check_types(v: Mapping[str, Any]) -> list[str]:
     for name in _FLOATS:
         if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
             problems.append(f"{name}={v[name]!r}: must be a number")
+    if v["stride"] is not None and (isinstance(v["stride"], bool) or not isinstance(v["stride"], int)):
+        problems.append(f"stride={v['stride']!r}: must be an integer or None")
     for name in ("dataset", "dataset_config", "text_column", "tokenizer", "precision",
-                 "resume_from_checkpoint", "output_dir"):
+                 "resume_from_checkpoint", "output_dir", "token_key"):
         if not isinstance(v[name], (str, Path)):
             problems.append(f"{name}={v[name]!r}: must be a string")
-    if not isinstance(v["dry_run"], bool):
-        problems.append(f"dry_run={v['dry_run']!r}: must be True or False")
+    problems += [f"{name}={v[name]!r}: must be True or False" for name in ("dry_run", "drop_remainder")
+                 if not isinstance(v[name], bool)]
     return problems
 
 
@@ -226,6 +233,8 @@ def validate(cfg: RunConfig) -> list[str]:
     problems += [f"{k}={v!r}: must be >= 0" for k, v in non_negative.items() if v < 0]
     if not 0 <= m.dropout < 1:
         problems.append(f"dropout={m.dropout!r}: must be in [0, 1)")
+    if d.stride is not None and d.stride <= 0:
+        problems.append(f"stride={d.stride!r}: must be > 0 (or None for disjoint blocks)")
     if m.n_head > 0 and m.n_embd % m.n_head:
         problems.append(f"n_embd={m.n_embd!r}: must be divisible by n_head={m.n_head}")
     if t.max_length > m.n_positions:

@@ -12,13 +12,30 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from . import files, paths, sources, tokenizer as tokenizers
-from .config import RunConfig
+from . import bundle, files, paths, pretokenized, sources, tokenizer as tokenizers
+from .config import RunConfig, is_local_dataset
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the cached format or the text rules change
 ROWS_PER_PROCESS = 50_000  # below this, worker processes cost more than they save
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Fixed-length windows over a flat token stream, gathered on indexing (nothing is copied
+    until a batch is asked for)."""
+
+    flat: np.ndarray  # the split's token stream (a memmap)
+    starts: np.ndarray  # where each window begins
+    size: int  # tokens per window: max_length + 1
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index) -> np.ndarray:
+        """(n, size) tokens for an index array or a slice."""
+        return self.flat[self.starts[index][..., None] + np.arange(self.size)]
 
 
 @dataclass
@@ -29,22 +46,27 @@ class Corpus:
     cache_dir: Path
     tokens: dict[str, np.ndarray]  # split -> flat uint16/uint32 memmap
     max_length: int
+    stride: int | None = None  # tokens between window starts; None: max_length + 1 (disjoint)
+    drop_remainder: bool = True  # False: one last window ends at the stream's end
 
     @property
     def block_size(self) -> int:
         """Tokens per packed block: inputs plus the one-token-shifted targets."""
         return self.max_length + 1
 
-    def blocks(self, split: str) -> np.ndarray:
-        """(n_blocks, max_length + 1) view of a split; the remainder is dropped."""
-        flat = self.tokens[split]
-        n = len(flat) // self.block_size
-        return flat[: n * self.block_size].reshape(n, self.block_size)
+    def blocks(self, split: str) -> Blocks:
+        """The split's training windows of `max_length + 1` tokens."""
+        flat, size = self.tokens[split], self.block_size
+        stride = self.stride or size
+        starts = np.arange(0, max(len(flat) - size + 1, 0), stride)
+        if not self.drop_remainder and len(flat) >= size and starts[-1] + size < len(flat):
+            starts = np.append(starts, len(flat) - size)
+        return Blocks(flat, starts, size)
 
     def describe(self) -> str:
         counts = ", ".join(f"{s} {len(t):,} tokens / {len(self.blocks(s)):,} blocks"
                            for s, t in self.tokens.items())
-        return f"{counts}; vocabulary {len(self.tokenizer):,}; cache {self.cache_dir}"
+        return f"{counts}; vocabulary {len(self.tokenizer):,}; data in {self.cache_dir}"
 
 
 def prepare(cfg: RunConfig) -> Corpus:
@@ -55,21 +77,25 @@ def prepare(cfg: RunConfig) -> Corpus:
     resume starts training without tokenizing again. The block length is applied on reading,
     so a different `max_length` reuses the same cache.
     """
+    if bundle.is_bundle(cfg.data.dataset):
+        bundle.verify(Path(cfg.data.dataset), cfg)
+        log.info("using the prepared bundle %s: no tokenization", cfg.data.dataset)
+        return open_cache(Path(cfg.data.dataset), cfg)
     own = cfg.output_dir / "data_cache" / cache_key(cfg)
     files.remove_temporaries(own.parent)
     # An earlier Kaggle session's output, attached as input, brings its cache along (read-only).
     found = [d for d in [own, *paths.find_in_inputs(f"data_cache/{own.name}")] if files.is_complete(d)]
     if found:
         log.info("reusing tokenized data in %s", found[0])
-        return open_cache(found[0], cfg.train.max_length)
+        return open_cache(found[0], cfg)
     files.atomic_directory(own, lambda tmp: build_cache(cfg, tmp))
-    return open_cache(own, cfg.train.max_length)
+    return open_cache(own, cfg)
 
 
 def cache_key(cfg: RunConfig) -> str:
     d = cfg.data
     identity = dict(version=CACHE_VERSION, source=sources.fingerprint(d), column=d.text_column,
-                    tokenizer=d.tokenizer, seed=cfg.train.seed)
+                    tokenizer=d.tokenizer, seed=cfg.train.seed, token_key=d.token_key)
     if Path(d.tokenizer).is_dir():
         identity["tokenizer"] = hashlib.sha256(
             (Path(d.tokenizer) / "tokenizer.json").read_bytes()).hexdigest()
@@ -79,31 +105,40 @@ def cache_key(cfg: RunConfig) -> str:
 
 def build_cache(cfg: RunConfig, directory: Path) -> None:
     """Write `{train,validation,test}.bin`, the tokenizer and `meta.json` into `directory`."""
-    splits = sources.load(cfg.data, cfg.train.seed)
-    tokenizer = tokenizers.load(cfg.data.tokenizer, _text_batches(splits["train"]))
-    tokenizer.save_pretrained(str(directory / "tokenizer"))
-    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
-    counts = {}
-    for name, split in splits.items():
-        tokenized = split.map(
+    token_files = _pretokenized_files(cfg)
+    if token_files:
+        tokenizer = tokenizers.load(cfg.data.tokenizer)
+        counts = pretokenized.write_splits(
+            token_files, pretokenized.token_key_of(token_files[0], cfg.data.token_key),
+            len(tokenizer), tokenizer.eos_token_id, cfg.train.seed, directory, _dtype(tokenizer))
+    else:
+        splits = sources.load(cfg.data, cfg.train.seed)
+        tokenizer = tokenizers.load(cfg.data.tokenizer, _text_batches(splits["train"]))
+        counts = {name: write_tokens(split.map(
             _tokenize, batched=True, remove_columns=split.column_names,
             fn_kwargs={"tokenizer": tokenizer}, num_proc=_processes(len(split)),
-            desc=f"tokenizing {name}")
-        counts[name] = write_tokens(tokenized, directory / f"{name}.bin", dtype)
-        if counts[name] == 0:
-            raise ValueError(f"dataset={cfg.data.dataset!r}: the {name} split holds no text")
+            desc=f"tokenizing {name}"), directory / f"{name}.bin", _dtype(tokenizer))
+            for name, split in splits.items()}
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise ValueError(f"dataset={cfg.data.dataset!r}: the {', '.join(empty)} split holds no tokens")
+    tokenizer.save_pretrained(str(directory / "tokenizer"))
+    dtype = _dtype(tokenizer)
     meta = dict(dtype=np.dtype(dtype).name, tokens=counts, vocab_size=len(tokenizer),
                 eos_token_id=tokenizer.eos_token_id, key=cache_key(cfg),
                 dataset=cfg.data.dataset, tokenizer=cfg.data.tokenizer)
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def open_cache(cache_dir: Path, max_length: int) -> Corpus:
+def open_cache(cache_dir: Path, cfg: RunConfig) -> Corpus:
+    """Memory-map a cache (or bundle) directory's token files, read-only."""
     meta = json.loads((cache_dir / "meta.json").read_text())
     tokens = {name: np.memmap(cache_dir / f"{name}.bin", dtype=meta["dtype"], mode="r")
               for name in meta["tokens"]}
     tokenizer = AutoTokenizer.from_pretrained(str(cache_dir / "tokenizer"))
-    return Corpus(tokenizer=tokenizer, cache_dir=cache_dir, tokens=tokens, max_length=max_length)
+    return Corpus(tokenizer=tokenizer, cache_dir=cache_dir, tokens=tokens,
+                  max_length=cfg.train.max_length, stride=cfg.data.stride,
+                  drop_remainder=cfg.data.drop_remainder)
 
 
 def write_tokens(tokenized, path: Path, dtype) -> int:
@@ -124,6 +159,18 @@ def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
     ids = [eos + e if start else e
            for e, start, text in zip(encoded, batch["doc_start"], batch["text"]) if text.strip()]
     return {"input_ids": ids}
+
+
+def _pretokenized_files(cfg: RunConfig) -> list[Path]:
+    """The dataset's files when they are JSONL records of token ids; [] for text."""
+    if not is_local_dataset(cfg.data.dataset) or bundle.is_bundle(cfg.data.dataset):
+        return []
+    found = [p for p in sources.expand(cfg.data.dataset) if p.suffix in (".jsonl", ".json")]
+    return found if found and pretokenized.token_key_of(found[0], cfg.data.token_key) else []
+
+
+def _dtype(tokenizer: PreTrainedTokenizerFast):
+    return np.uint16 if len(tokenizer) <= 2**16 else np.uint32
 
 
 def _text_batches(split, batch_size: int = 1000):

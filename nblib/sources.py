@@ -49,7 +49,7 @@ def fingerprint(cfg: DataConfig) -> dict:
         return {"builtin": cfg.dataset, "python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"]}
     if not is_local_dataset(cfg.dataset):
         return {"hub": cfg.dataset, "config": cfg.dataset_config}
-    files = sorted(p for p in _expand(cfg.dataset) if p.is_file())
+    files = sorted(p for p in expand(cfg.dataset) if p.is_file())
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return {"local": cfg.dataset, "files": hashlib.sha256(repr(stats).encode()).hexdigest()}
 
@@ -126,7 +126,8 @@ def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
             "pass a local path or 'builtin:python-docs'.") from error
 
 
-def _expand(spec: str) -> list[Path]:
+def expand(spec: str) -> list[Path]:
+    """The data files a local dataset spec (a file, a directory or a glob) names."""
     matches = [Path(p) for p in sorted(glob.glob(str(Path(spec).expanduser())))]
     files = []
     for match in matches:
@@ -134,21 +135,26 @@ def _expand(spec: str) -> list[Path]:
     return files
 
 
+def split_of(path: Path) -> str:
+    """Files named after a split (wiki.valid.txt, test.parquet) form that split; others train."""
+    words = re.split(r"[._\-]", Path(path).stem)
+    return next((SPLIT_ALIASES[w] for w in words if w in SPLIT_ALIASES), "train")
+
+
 def _is_text_files(spec: str) -> bool:
     return spec.startswith("builtin:") is False and is_local_dataset(spec) and all(
-        p.suffix == ".txt" for p in _expand(spec)) and bool(_expand(spec))
+        p.suffix == ".txt" for p in expand(spec)) and bool(expand(spec))
 
 
 def _load_files(spec: str) -> datasets.DatasetDict:
-    files = _expand(spec)
+    files = expand(spec)
     suffixes = {p.suffix for p in files}
     if not files or len(suffixes) != 1 or not suffixes <= set(LOADERS):
         raise ValueError(f"dataset={spec!r}: expected .txt, .jsonl or .parquet files of one kind, "
                          f"found {sorted(suffixes) or 'none'}")
     by_split = {}
-    for path in files:  # files named after a split (wiki.valid.txt, test.parquet) form that split
-        split = next((SPLIT_ALIASES[w] for w in re.split(r"[._\-]", path.stem) if w in SPLIT_ALIASES), "train")
-        by_split.setdefault(split, []).append(str(path))
+    for path in files:
+        by_split.setdefault(split_of(path), []).append(str(path))
     if "train" not in by_split:
         by_split = {"train": [str(p) for p in files]}
     return datasets.load_dataset(LOADERS[suffixes.pop()], data_files=by_split)

@@ -9,7 +9,7 @@ def test_prepare_packs_blocks_with_end_of_text_between_articles(tiny_config):
     corpus = data.prepare(tiny_config)
     eos = corpus.tokenizer.eos_token_id
     blocks = corpus.blocks("train")
-    assert blocks.shape[1] == tiny_config.train.max_length + 1
+    assert blocks[:3].shape == (3, tiny_config.train.max_length + 1)
     assert corpus.tokens["train"].dtype == np.uint16
     text = corpus.tokenizer.decode(corpus.tokens["train"][:400])
     assert "<|endoftext|> = Article" in text and " = = History = = " in text
@@ -31,7 +31,7 @@ def test_other_max_length_reuses_tokens_other_tokenizer_does_not(tmp_path, wikit
     b = config.resolve({**base, "max_length": 8})
     c = config.resolve({**base, "tokenizer": "bpe:280"})
     assert data.cache_key(a) == data.cache_key(b) != data.cache_key(c)
-    assert data.prepare(b).blocks("train").shape[1] == 9
+    assert data.prepare(b).blocks("train").size == 9
 
 
 def test_changed_source_file_invalidates_the_cache(tmp_path, tokenizer_dir):
@@ -60,3 +60,15 @@ def test_interrupted_cache_build_leaves_no_cache(tiny_config, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         data.prepare(tiny_config)
     assert not (tiny_config.output_dir / "data_cache" / data.cache_key(tiny_config)).exists()
+
+
+def test_stride_gives_overlapping_windows_and_the_remainder_can_be_kept():
+    flat = np.arange(23, dtype=np.uint16)
+    corpus = data.Corpus(tokenizer=None, cache_dir=None, tokens={"train": flat}, max_length=4)
+    disjoint = corpus.blocks("train")
+    assert len(disjoint) == 4 and disjoint[np.array([1])].tolist() == [[5, 6, 7, 8, 9]]
+    overlapping = data.Corpus(None, None, {"train": flat}, max_length=4, stride=2).blocks("train")
+    assert overlapping[:3].tolist() == [[0, 1, 2, 3, 4], [2, 3, 4, 5, 6], [4, 5, 6, 7, 8]]
+    assert len(overlapping) == 10  # starts 0, 2, ..., 18
+    kept = data.Corpus(None, None, {"train": flat}, max_length=4, drop_remainder=False).blocks("train")
+    assert len(kept) == 5 and kept[np.array([4])].tolist() == [[18, 19, 20, 21, 22]]

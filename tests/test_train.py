@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nblib import checkpoint, config, data, hardware, model, state, train
+from nblib import checkpoint, config, data, hardware, model, state, stopping, train
 from conftest import tiny_params
 
 
@@ -110,3 +110,33 @@ def test_time_budget_saves_a_checkpoint_and_stops(tmp_path, wikitext_file, token
     assert "stopped at the time budget; resume with resume_from_checkpoint='auto'" in result.describe()
     saved = checkpoint.list_checkpoints(cfg.output_dir / "checkpoints")
     assert [s for s, _ in saved] == [result.state.step] and result.state.step > 0
+
+
+def test_continuing_across_kaggle_sessions(tmp_path, wikitext_file, tokenizer_dir, monkeypatch):
+    """Session 1 stops; its output is attached read-only as /kaggle/input/<version>; session 2
+    starts with an empty /kaggle/working and resume_from_checkpoint='auto'."""
+    import shutil
+    from nblib import paths
+    base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
+                       resume_from_checkpoint="auto", max_steps=24, max_checkpoints=2)
+    full, _ = run_tiny(config.resolve({**base, "output_dir": str(tmp_path / "uninterrupted")}))
+
+    session1 = tmp_path / "session1"
+    checks = iter(range(1000))
+    with monkeypatch.context() as patch:  # the budget runs out after 13 steps
+        patch.setattr(stopping.TimeBudget, "exhausted", lambda self: next(checks) >= 13)
+        stopped, _ = run_tiny(config.resolve({**base, "output_dir": str(session1)}))
+    assert stopped.stop_reason is train.StopReason.TIME_BUDGET and stopped.state.step == 13
+    attached = tmp_path / "input" / "my-notebook-version-1"
+    shutil.copytree(session1, attached)
+    monkeypatch.setattr(paths, "KAGGLE_INPUT", tmp_path / "input")
+    monkeypatch.setattr(data, "build_cache", lambda *a: pytest.fail("tokenized again"))
+
+    working = tmp_path / "working"
+    resumed, _ = run_tiny(config.resolve({**base, "output_dir": str(working)}))
+    assert resumed.state.step == 24
+    assert [s for s, _ in checkpoint.list_checkpoints(working / "checkpoints")] == [20, 24]
+    assert sorted(p.name for p in (attached / "checkpoints").iterdir()) == sorted(
+        p.name for p in (session1 / "checkpoints").iterdir())  # the input is left alone
+    assert not (working / "data_cache").exists()  # the attached cache was used
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in full.history]
