@@ -50,6 +50,7 @@ class TimeBudget:
     started_at: float  # time.time() when the notebook started
     step_seconds: float = 0.0  # running average of one optimizer step (evaluations included)
     save_seconds: float = 0.0  # longest checkpoint save seen
+    eval_seconds: float = 0.0  # longest evaluation seen
     _last: float = field(default_factory=time.perf_counter)
 
     def step_done(self) -> None:
@@ -61,9 +62,14 @@ class TimeBudget:
         self.save_seconds = max(self.save_seconds, seconds)
         self._last = time.perf_counter()  # a save is not part of the next step's time
 
+    def eval_took(self, seconds: float) -> None:
+        self.eval_seconds = max(self.eval_seconds, seconds)
+        self._last = time.perf_counter()
+
     def reserve_seconds(self) -> float:
-        """Time kept back for the final checkpoint, the best-model export and the test pass."""
-        return 3 * self.save_seconds + 2 * self.step_seconds + 10
+        """Time kept back for a last evaluation, the final checkpoint, the best-model export and
+        the test pass."""
+        return 3 * self.save_seconds + 2 * self.eval_seconds + 2 * self.step_seconds + 10
 
     def exhausted(self) -> bool:
         if not self.minutes:

@@ -131,13 +131,16 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
             bar.set_postfix(_progress(state, outcome, window, device), refresh=False)
             bar.update()
             if state.step % t.eval_steps == 0 or state.step == steps:
-                _evaluate_and_record(state, cfg, config, device, val_blocks, window, started, steps)
+                budget.eval_took(_evaluate_and_record(state, cfg, config, device, val_blocks, window, started, steps))
             if state.step % t.save_steps == 0 or state.step == steps:
                 budget.save_took(_save_checkpoint(state, cfg, config))
             if state.bad_streak >= t.max_bad_steps:
                 reason = StopReason.BAD_LOSS
                 break
             budget.step_done()
+    last_recorded = state.history[-1]["step"] if state.history else None
+    if reason is StopReason.TIME_BUDGET and last_recorded != state.step:  # the history ends where training did
+        _evaluate_and_record(state, cfg, config, device, val_blocks, window, started, steps)
     _save_on_stop(reason, state, cfg, config)
     return RunResult(state, reason, run_dir, time.perf_counter() - started, interrupt.signal_name)
 
@@ -221,8 +224,10 @@ def _progress(state: TrainState, outcome: StepOutcome, window: _Window, device: 
 
 
 def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device: Device,
-                         val_blocks: np.ndarray, window: _Window, started: float, total: int) -> None:
-    """Validation loss into the history (one record per evaluation); a new best is saved."""
+                         val_blocks: np.ndarray, window: _Window, started: float, total: int) -> float:
+    """Validation loss into the history (one record per evaluation); a new best is saved.
+    Returns the seconds it took."""
+    began = time.perf_counter()
     state.val_loss = evaluate(state.model, val_blocks, device, cfg.train.batch_size)
     state.train_loss = float(np.mean(window.losses)) if window.losses else math.nan
     recorded = sum(len(r.get("events", [])) for r in state.history)
@@ -248,6 +253,7 @@ def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device
     if state.val_loss < state.best_val_loss and weights_are_finite(state.model):
         state.best_val_loss = state.val_loss
         checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(config))
+    return time.perf_counter() - began
 
 
 def _save_checkpoint(state: TrainState, cfg: RunConfig, config: dict) -> float:

@@ -76,7 +76,7 @@ def test_hub_shaped_stand_ins_parquet_wikitext_and_saved_tokenizer(tmp_path, tok
 def test_time_budget_ends_normally_with_an_export_and_the_next_run_resumes(tmp_path):
     run = tmp_path / "run"
     params = dict(preset="smoke", output_dir=str(run), max_steps=1_000_000, save_steps=100_000,
-                  eval_steps=200, time_budget_minutes=0.4)
+                  eval_steps=200, time_budget_minutes=0.5)
     nb = execute(tmp_path, **params)  # papermill raises on any failed cell: this one ends normally
     assert "stopped at the time budget; resume with resume_from_checkpoint='auto'" in outputs_text(nb)
     assert (run / "final_model" / "model.safetensors").is_file()

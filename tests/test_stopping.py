@@ -9,7 +9,7 @@ from nblib import stopping
 def test_time_budget_stops_while_a_step_save_and_export_still_fit():
     budget = stopping.TimeBudget(minutes=1, started_at=time.time() - 40)
     budget.step_seconds, budget.save_seconds = 1.0, 2.0
-    assert budget.reserve_seconds() == pytest.approx(3 * 2.0 + 2 * 1.0 + 10)
+    assert budget.reserve_seconds() == pytest.approx(3 * 2.0 + 2 * 1.0 + 10)  # no evaluation yet
     assert not budget.exhausted()  # 20 s left > 1 + 18
     budget.save_seconds = 3.0
     assert budget.exhausted()  # 20 s left < 1 + 21
