@@ -66,6 +66,12 @@ class RunResult:
         }
         return f"{advice[self.stop_reason]}: {facts}"
 
+    def raise_if_failed(self) -> None:
+        """Stop a notebook's Run All (and fail papermill) after a bad-loss streak or an OOM at
+        micro-batch 1; the emergency checkpoint is already saved."""
+        if self.stop_reason in (StopReason.BAD_LOSS, StopReason.OUT_OF_MEMORY):
+            raise RuntimeError(self.describe())
+
 
 def total_steps(cfg: RunConfig, n_train_blocks: int) -> int:
     """`max_steps`, or `epochs` full passes when it is 0."""

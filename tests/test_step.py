@@ -69,6 +69,8 @@ def test_a_streak_of_bad_losses_stops_with_the_last_good_weights(tmp_path, wikit
     result, net = run_tiny(cfg)
     assert result.stop_reason is train.StopReason.BAD_LOSS and result.state.step == 3 + 5
     assert "lower learning_rate" in result.describe()
+    with pytest.raises(RuntimeError, match="non-finite loss"):
+        result.raise_if_failed()
     emergency = checkpoint.load(cfg.output_dir / checkpoint.EMERGENCY)
     assert all(torch.isfinite(t).all() for t in emergency["model_state_dict"].values())
     best = checkpoint.load(cfg.output_dir / checkpoint.BEST_MODEL)
