@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 import shutil
@@ -84,9 +85,12 @@ def total_steps(cfg: RunConfig, n_train_blocks: int) -> int:
     return cfg.train.max_steps or cfg.train.epochs * per_epoch
 
 
+@functools.lru_cache(maxsize=2)  # computed once per epoch, not once per step
 def epoch_order(n_blocks: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled block order of one epoch: a pure function of seed and epoch."""
-    return np.random.default_rng([seed, epoch]).permutation(n_blocks)
+    order = np.random.default_rng([seed, epoch]).permutation(n_blocks)
+    order.setflags(write=False)  # shared by every caller through the cache
+    return order
 
 
 def step_blocks(n_blocks: int, seed: int, epoch: int, position: int, count: int) -> tuple[np.ndarray, int, int]:
@@ -250,7 +254,6 @@ def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device
         "skipped_steps": state.skipped_steps,
         "events": state.events[recorded:],  # OOM back-offs since the previous record
     })
-    window.reset(state.tokens_seen)
     record = state.history[-1]
     log.info("step %d/%d: train loss %.4f, val loss %.4f (perplexity %.1f), lr %.2e, %.0f tokens/s, "
              "%.0f s", state.step, total, state.train_loss, state.val_loss, record["val_perplexity"],
@@ -259,6 +262,7 @@ def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device
     if state.val_loss < state.best_val_loss and weights_are_finite(state.model):
         state.best_val_loss = state.val_loss
         checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(config))
+    window.reset(state.tokens_seen)  # throughput counts training, not evaluation and its saves
     return time.perf_counter() - began
 
 

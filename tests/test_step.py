@@ -20,7 +20,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
 
 def test_weight_decay_only_on_matrices(tiny_config):
     net = model.build(tiny_config.model, data.prepare(tiny_config).tokenizer)
-    opt = step.build_optimizer(net, tiny_config, hardware.detect("fp32"))
+    opt = step.build_optimizer(net, tiny_config)
     decay, no_decay = opt.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.01
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
