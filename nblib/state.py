@@ -30,6 +30,7 @@ class TrainState:
     skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradients)
     bad_streak: int = 0  # consecutive steps with a non-finite loss
     events: list[dict[str, Any]] = field(default_factory=list)  # OOM back-offs, in order
+    compiled: torch.nn.Module | None = None  # torch.compile'd model for forward passes; never saved
 
     def state_dict(self, config: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint that `torch.load(path, weights_only=True)` can read: tensors and primitives."""
@@ -50,7 +51,7 @@ class TrainState:
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         """Restore from a checkpoint dict (tensors may be on any device)."""
-        self.model.load_state_dict(checkpoint["model_state_dict"])
+        self.model.load_state_dict(strip_compile_prefix(checkpoint["model_state_dict"]))
         self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
         if self.scaler and checkpoint.get("scaler_state_dict"):
@@ -64,6 +65,11 @@ class TrainState:
         self.bad_streak = checkpoint.get("bad_streak", 0)
         self.events = list(checkpoint.get("events", []))
         restore_rng(checkpoint["rng_state"])
+
+
+def strip_compile_prefix(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys saved from a torch.compile'd module carry `_orig_mod.`; a plain module has none."""
+    return {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
 
 
 def capture_rng() -> dict[str, Any]:

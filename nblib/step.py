@@ -51,7 +51,8 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW
 
 
 def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int) -> TrainState:
-    """Model on the device, AdamW, warm-up/cosine schedule, and a GradScaler for fp16."""
+    """Model on the device, AdamW, warm-up/cosine schedule, a GradScaler for fp16, and the
+    compiled forward when `torch_compile` is on."""
     model.to(device.device)
     optimizer = build_optimizer(model, cfg)
     schedule = partial(lr_factor, warmup_steps=cfg.train.warmup_steps, total_steps=steps)
@@ -60,7 +61,18 @@ def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
         scaler=torch.amp.GradScaler(device.device.type) if device.uses_grad_scaler else None,
         batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps)
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        compiled=compiled_forward(model, device) if cfg.train.torch_compile else None)
+
+
+def compiled_forward(model: torch.nn.Module, device: Device) -> torch.nn.Module:
+    """torch.compile(model), refused where it is known to break: Triton needs compute
+    capability 7.0 or more (Kaggle's P100 is 6.0). Checkpoints keep saving `model` itself, so
+    no `_orig_mod.` prefix reaches them."""
+    if device.is_cuda and device.compute_capability < (7, 0):
+        raise ValueError(f"torch_compile=True: torch.compile needs compute capability 7.0 or more, "
+                         f"this GPU has {device.compute_capability}; set torch_compile=False")
+    return torch.compile(model)
 
 
 def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,10 +93,11 @@ def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device) 
     """Forward and backward over `blocks` in `state.gradient_accumulation_steps` micro-batches;
     returns the mean loss as a device tensor (no host sync per micro-step)."""
     state.model.train()
+    forward = state.model if state.compiled is None else state.compiled  # the same parameters
     loss_sum = torch.zeros((), device=device.device)
     for micro in np.array_split(blocks, state.gradient_accumulation_steps):
         inputs, targets = to_batch(micro, device)
-        loss = loss_of(state.model, inputs, targets, device) * (len(micro) / len(blocks))
+        loss = loss_of(forward, inputs, targets, device) * (len(micro) / len(blocks))
         (state.scaler.scale(loss) if state.scaler else loss).backward()
         loss_sum += loss.detach()
     return loss_sum

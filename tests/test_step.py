@@ -75,3 +75,27 @@ def test_a_streak_of_bad_losses_stops_with_the_last_good_weights(tmp_path, wikit
     assert all(torch.isfinite(t).all() for t in emergency["model_state_dict"].values())
     best = checkpoint.load(cfg.output_dir / checkpoint.BEST_MODEL)
     assert best["step"] <= 4 and math.isfinite(best["val_loss"])  # steps 4+ changed nothing
+
+
+def test_torch_compile_trains_the_same_and_saves_plain_keys(tmp_path, wikitext_file, tokenizer_dir):
+    base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir), max_steps=8)
+    plain, _ = run_tiny(config.resolve({**base, "output_dir": str(tmp_path / "plain")}))
+    compiled, _ = run_tiny(config.resolve({**base, "output_dir": str(tmp_path / "compiled"), "torch_compile": True}))
+    assert compiled.state.compiled is not None
+    for a, b in zip(plain.state.step_losses, compiled.state.step_losses):
+        assert a == pytest.approx(b, rel=1e-5)
+    saved = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "compiled" / "checkpoints")[-1][1])
+    assert not any(k.startswith("_orig_mod.") for k in saved["model_state_dict"])
+
+
+def test_keys_saved_from_a_compiled_module_load_into_a_plain_one():
+    from nblib.state import strip_compile_prefix
+    weights = {"_orig_mod.transformer.wte.weight": torch.ones(1), "lm_head.weight": torch.ones(1)}
+    assert list(strip_compile_prefix(weights)) == ["transformer.wte.weight", "lm_head.weight"]
+
+
+def test_torch_compile_is_refused_on_a_gpu_below_7_0():
+    device = hardware.Device(torch.device("cpu"), "fp32", gpu_name="Tesla P100", compute_capability=(6, 0))
+    object.__setattr__(device, "device", torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="torch_compile=True: torch.compile needs compute capability 7.0"):
+        step.compiled_forward(torch.nn.Linear(1, 1), device)
