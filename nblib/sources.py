@@ -142,8 +142,11 @@ def split_of(path: Path) -> str:
 
 
 def _is_text_files(spec: str) -> bool:
-    return spec.startswith("builtin:") is False and is_local_dataset(spec) and all(
-        p.suffix == ".txt" for p in expand(spec)) and bool(expand(spec))
+    """Local .txt files only: the `text` loader gives one row per line."""
+    if spec.startswith("builtin:") or not is_local_dataset(spec):
+        return False
+    found = expand(spec)
+    return bool(found) and all(p.suffix == ".txt" for p in found)
 
 
 def _load_files(spec: str) -> datasets.DatasetDict:

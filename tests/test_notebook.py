@@ -89,3 +89,9 @@ def test_time_budget_ends_normally_with_an_export_and_the_next_run_resumes(tmp_p
     assert second_stop > first_stop and history[-1]["step"] > first_stop
     steps = [r["step"] for r in history]
     assert steps == sorted(set(steps))  # the history continues: no step recorded twice
+
+
+def test_the_parameters_cell_and_the_config_name_the_same_parameters():
+    from nblib import config
+    names = {p["name"] for p in papermill.inspect_notebook(str(NOTEBOOK)).values()}
+    assert names == set(config.PARAMETERS)
