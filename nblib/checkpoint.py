@@ -110,6 +110,32 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def projected_bytes(model: torch.nn.Module) -> int:
+    """What one checkpoint of `model` will weigh, before AdamW's moments exist: the weights and
+    the two moments, all fp32, plus a margin."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**20
+
+
+def check_disk_budget(run_dir: Path, model: torch.nn.Module, max_checkpoints: int) -> None:
+    """Log the projected peak disk use of a run and refuse one that cannot fit.
+
+    Raises:
+        OSError: the projected peak exceeds the free space (plus what the run already holds).
+    """
+    per_checkpoint = projected_bytes(model)
+    # while rotating, one more checkpoint than kept exists; plus best, emergency and the export
+    peak = (max_checkpoints + 3) * per_checkpoint + per_checkpoint // 3
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(run_dir).free + sum(p.stat().st_size for p in existing_files(run_dir))
+    log.info("disk: about %.0f MB per checkpoint, projected peak %.2f GB, %.1f GB available in %s",
+             per_checkpoint / 2**20, peak / 2**30, free / 2**30, run_dir)
+    if peak > free:
+        raise OSError(28, f"this run would need about {peak / 2**30:.2f} GB in {run_dir} "
+                      f"({max_checkpoints} checkpoints of {per_checkpoint / 2**20:.0f} MB "
+                      f"plus best, emergency and final model), but only {free / 2**30:.2f} GB are "
+                      "free: lower max_checkpoints or free space")
+
+
 def existing_files(run_dir: Path) -> list[Path]:
     """The checkpoint files a run directory already holds (they count as reusable space)."""
     run_dir = Path(run_dir)
@@ -159,15 +185,19 @@ def check_compatible(checkpoint: dict[str, Any], config: dict[str, Any], path: P
                               + "\n  ".join(differences))
 
 
-def candidates(run_dir: Path) -> list[Path]:
+def candidates(run_dir: Path) -> list[tuple[Path, dict[str, Any] | None]]:
     """Resume candidates, newest step first: this run's checkpoints, its emergency checkpoint,
-    and those of earlier sessions attached under /kaggle/input."""
+    and those of earlier sessions attached under /kaggle/input. An emergency checkpoint's step
+    is inside it, so it comes already loaded (None when it would not load); the others are
+    loaded when they are tried."""
     run_dir = Path(run_dir)
     directories = [checkpoint_dir(run_dir)] + paths.find_in_inputs("checkpoints")
-    found = [sp for directory in directories for sp in list_checkpoints(directory)]
-    emergencies = [run_dir / EMERGENCY] + paths.find_in_inputs(EMERGENCY)
-    found += [(_step_of(p), p) for p in emergencies if p.is_file()]
-    return [p for _, p in sorted(found, key=lambda sp: sp[0], reverse=True)]
+    found = [(step, path, None) for directory in directories for step, path in list_checkpoints(directory)]
+    for path in [run_dir / EMERGENCY] + paths.find_in_inputs(EMERGENCY):
+        if path.is_file():
+            loaded = _load_or_none(path)
+            found.append((loaded["step"] if loaded else -1, path, loaded))  # -1: tried last, reported
+    return [(path, loaded) for _, path, loaded in sorted(found, key=lambda f: f[0], reverse=True)]
 
 
 def find_resume(run_dir: Path, resume_from_checkpoint: str) -> tuple[Path, dict[str, Any]] | None:
@@ -178,8 +208,7 @@ def find_resume(run_dir: Path, resume_from_checkpoint: str) -> tuple[Path, dict[
         CheckpointError: an explicit path that cannot be loaded.
     """
     if resume_from_checkpoint == "":
-        existing = [p for _, p in list_checkpoints(checkpoint_dir(run_dir))]
-        existing += [p for p in [Path(run_dir) / EMERGENCY] if p.is_file()]
+        existing = existing_files(run_dir)
         if existing:
             raise ValueError(
                 f"output_dir={str(run_dir)!r} already holds checkpoints ({existing[-1].name}); "
@@ -188,9 +217,9 @@ def find_resume(run_dir: Path, resume_from_checkpoint: str) -> tuple[Path, dict[
         return None
     if resume_from_checkpoint != "auto":
         return Path(resume_from_checkpoint), load(Path(resume_from_checkpoint))
-    for path in candidates(run_dir):
+    for path, checkpoint in candidates(run_dir):
         try:
-            checkpoint = load(path)
+            checkpoint = checkpoint or load(path)
         except CheckpointError as error:
             log.warning("skipping %s", error)
             continue
@@ -199,8 +228,8 @@ def find_resume(run_dir: Path, resume_from_checkpoint: str) -> tuple[Path, dict[
     return None
 
 
-def _step_of(path: Path) -> int:
+def _load_or_none(path: Path) -> dict[str, Any] | None:
     try:
-        return int(load(path)["step"])
-    except (CheckpointError, KeyError):
-        return -1  # still listed, so the corruption is reported when it is tried
+        return load(path)
+    except CheckpointError:
+        return None  # still listed, so the corruption is reported when it is tried

@@ -82,7 +82,6 @@ class RunConfig:
     resume_from_checkpoint: str  # "", a checkpoint path, or "auto"
     dry_run: bool  # print the resolved config and stop
     prompts: tuple[str, ...] = ()  # prompts for the samples shown after training
-    max_new_tokens: int = 60  # length of each generated sample
     started_at: float = field(default_factory=time.time)  # the notebook's start: the time budget counts from it
 
     def to_dict(self) -> dict[str, Any]:

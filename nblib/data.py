@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from . import bundle, files, paths, pretokenized, sources, tokenizer as tokenizers
-from .config import RunConfig, is_local_dataset
+from .config import BPE_SPEC, RunConfig, is_local_dataset
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +106,26 @@ def cache_key(cfg: RunConfig) -> str:
 def build_cache(cfg: RunConfig, directory: Path) -> None:
     """Write `{train,validation,test}.bin`, the tokenizer and `meta.json` into `directory`."""
     token_files = _pretokenized_files(cfg)
+    if token_files and BPE_SPEC.match(cfg.data.tokenizer):
+        raise ValueError(f"tokenizer={cfg.data.tokenizer!r}: dataset={cfg.data.dataset!r} holds token "
+                         "ids, so a BPE cannot be trained on it; pass the tokenizer that made the ids")
+    splits = None if token_files else sources.load(cfg.data, cfg.train.seed)
+    tokenizer = tokenizers.load(cfg.data.tokenizer, _text_batches(splits["train"]) if splits else ())
+    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     if token_files:
-        tokenizer = tokenizers.load(cfg.data.tokenizer)
         counts = pretokenized.write_splits(
             token_files, pretokenized.token_key_of(token_files[0], cfg.data.token_key),
-            len(tokenizer), tokenizer.eos_token_id, cfg.train.seed, directory, _dtype(tokenizer))
+            len(tokenizer), tokenizer.eos_token_id, cfg.train.seed, directory, dtype)
     else:
-        splits = sources.load(cfg.data, cfg.train.seed)
-        tokenizer = tokenizers.load(cfg.data.tokenizer, _text_batches(splits["train"]))
         counts = {name: write_tokens(split.map(
             _tokenize, batched=True, remove_columns=split.column_names,
             fn_kwargs={"tokenizer": tokenizer}, num_proc=_processes(len(split)),
-            desc=f"tokenizing {name}"), directory / f"{name}.bin", _dtype(tokenizer))
+            desc=f"tokenizing {name}"), directory / f"{name}.bin", dtype)
             for name, split in splits.items()}
     empty = [name for name, count in counts.items() if count == 0]
     if empty:
         raise ValueError(f"dataset={cfg.data.dataset!r}: the {', '.join(empty)} split holds no tokens")
     tokenizer.save_pretrained(str(directory / "tokenizer"))
-    dtype = _dtype(tokenizer)
     meta = dict(dtype=np.dtype(dtype).name, tokens=counts, vocab_size=len(tokenizer),
                 eos_token_id=tokenizer.eos_token_id, key=cache_key(cfg),
                 dataset=cfg.data.dataset, tokenizer=cfg.data.tokenizer)
@@ -163,14 +165,10 @@ def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
 
 def _pretokenized_files(cfg: RunConfig) -> list[Path]:
     """The dataset's files when they are JSONL records of token ids; [] for text."""
-    if not is_local_dataset(cfg.data.dataset) or bundle.is_bundle(cfg.data.dataset):
+    if not is_local_dataset(cfg.data.dataset):
         return []
     found = [p for p in sources.expand(cfg.data.dataset) if p.suffix in (".jsonl", ".json")]
     return found if found and pretokenized.token_key_of(found[0], cfg.data.token_key) else []
-
-
-def _dtype(tokenizer: PreTrainedTokenizerFast):
-    return np.uint16 if len(tokenizer) <= 2**16 else np.uint32
 
 
 def _text_batches(split, batch_size: int = 1000):

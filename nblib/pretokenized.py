@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import HELD_OUT_SHARE, SPLITS, split_of
+from .sources import SPLITS, held_out, split_of
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def write_splits(files: list[Path], key: str, vocab_size: int, eos: int, seed: i
             assignment = None
             if name == "train" and carve:
                 n_records = sum(1 for p in paths for line in open(p) if line.strip())
-                assignment = _held_out(n_records, carve, seed)
+                assignment = held_out(n_records, [s for s in SPLITS if s in carve], seed)
             for i, ids in enumerate(_records(paths, key, vocab_size)):
                 target = SPLITS[assignment[i]] if assignment is not None else name
                 outputs[target].write(np.asarray([eos, *ids], dtype=dtype).tobytes())
@@ -56,16 +56,6 @@ def write_splits(files: list[Path], key: str, vocab_size: int, eos: int, seed: i
     for name in SPLITS:
         counts[name] = (directory / f"{name}.bin").stat().st_size // np.dtype(dtype).itemsize
     return counts
-
-
-def _held_out(n_records: int, carve: set[str], seed: int) -> np.ndarray:
-    """0 (train), 1 (validation) or 2 (test) per record: the missing splits get 5% each."""
-    assignment = np.zeros(n_records, dtype=np.int8)
-    order = np.random.default_rng(seed).permutation(n_records)
-    n_held = max(1, int(n_records * HELD_OUT_SHARE))
-    for i, name in enumerate(s for s in SPLITS[1:] if s in carve):
-        assignment[order[i * n_held:(i + 1) * n_held]] = SPLITS.index(name)
-    return assignment
 
 
 def _records(paths: list[Path], key: str, vocab_size: int):

@@ -88,18 +88,22 @@ def _complete_splits(dsd: datasets.DatasetDict, seed: int) -> datasets.DatasetDi
     if n_docs < 3:
         raise ValueError(f"the dataset has {n_docs} document(s) and no {'/'.join(missing)} "
                          "split: at least 3 documents are needed to hold some out")
-    order = np.random.default_rng(seed).permutation(n_docs)
-    n_held = max(1, int(n_docs * HELD_OUT_SHARE))
-    assignment = np.zeros(n_docs, dtype=np.int8)  # 0 train, 1.. the missing splits
-    for i, _ in enumerate(missing):
-        assignment[order[i * n_held:(i + 1) * n_held]] = i + 1
-    row_split = assignment[doc_ids]
+    row_split = held_out(n_docs, missing, seed)[doc_ids]
     out = {name: dsd[name] for name in SPLITS if name in dsd}
-    out["train"] = train.select(np.flatnonzero(row_split == 0))
-    for i, name in enumerate(missing):
-        out[name] = train.select(np.flatnonzero(row_split == i + 1))
-    log.info("held out %s from train: %d of %d documents each", missing, n_held, n_docs)
+    for name in ["train", *missing]:
+        out[name] = train.select(np.flatnonzero(row_split == SPLITS.index(name)))
+    log.info("held out %s from train's %d documents", missing, n_docs)
     return datasets.DatasetDict({name: out[name] for name in SPLITS})
+
+
+def held_out(n_documents: int, missing: list[str], seed: int) -> np.ndarray:
+    """Each document's split, as an index into SPLITS: the missing splits get 5% each, seeded."""
+    assignment = np.zeros(n_documents, dtype=np.int8)
+    order = np.random.default_rng(seed).permutation(n_documents)
+    n_held = max(1, int(n_documents * HELD_OUT_SHARE))
+    for i, name in enumerate(missing):
+        assignment[order[i * n_held:(i + 1) * n_held]] = SPLITS.index(name)
+    return assignment
 
 
 def _load_raw(cfg: DataConfig) -> datasets.DatasetDict:

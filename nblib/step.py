@@ -25,7 +25,8 @@ class StepOutcome:
 
     @property
     def bad_loss(self) -> bool:
-        """A non-finite loss or norm that no loss scaler explains (fp16 overflow is the scaler's)."""
+        """A non-finite loss. Non-finite gradients with a finite loss are an fp16 overflow that
+        the GradScaler handles: skipped, but not counted towards the bad-loss streak."""
         return not math.isfinite(self.loss)
 
 

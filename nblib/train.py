@@ -5,7 +5,6 @@ import enum
 import functools
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -116,11 +115,11 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     state = new_state(cfg, device, model, steps)
     config = cfg.to_dict()
     _resume(state, cfg, config)
-    _check_disk_budget(state, cfg)
+    checkpoint.check_disk_budget(run_dir, model, t.max_checkpoints)
     files.write_json(run_dir / "run_config.json", config)
 
     budget = stopping.TimeBudget(t.time_budget_minutes, cfg.started_at,
-                                 save_seconds=checkpoint_bytes(model) / SAVE_BYTES_PER_SECOND)
+                                 save_seconds=checkpoint.projected_bytes(model) / SAVE_BYTES_PER_SECOND)
     interrupt = stopping.InterruptFlag()
     window, started, reason = _Window(state.tokens_seen), time.perf_counter(), StopReason.COMPLETED
     with interrupt.installed(), tqdm(total=steps, initial=state.step, desc="training", unit="step",
@@ -185,29 +184,6 @@ def _resume(state: TrainState, cfg: RunConfig, config: dict) -> None:
         state.load_state_dict(saved)
         log.info("resumed from %s at step %d (epoch %d, block %d of its order)",
                  path, state.step, state.epoch, state.position)
-
-
-def checkpoint_bytes(model: torch.nn.Module) -> int:
-    """About what one checkpoint weighs: weights and AdamW's two moments, all fp32."""
-    return 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2**20
-
-
-def _check_disk_budget(state: TrainState, cfg: RunConfig) -> None:
-    """Print the projected peak disk use and refuse a run that cannot fit."""
-    per_checkpoint = checkpoint_bytes(state.model)
-    weights = per_checkpoint // 3
-    # while rotating, one more checkpoint than kept exists; plus best, emergency and the export
-    peak = (cfg.train.max_checkpoints + 3) * per_checkpoint + weights
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    reusable = sum(p.stat().st_size for p in checkpoint.existing_files(cfg.output_dir))
-    free = shutil.disk_usage(cfg.output_dir).free + reusable
-    log.info("disk: about %.0f MB per checkpoint, projected peak %.2f GB, %.1f GB available in %s",
-             per_checkpoint / 2**20, peak / 2**30, free / 2**30, cfg.output_dir)
-    if peak > free:
-        raise OSError(28, f"this run would need about {peak / 2**30:.2f} GB in {cfg.output_dir} "
-                      f"({cfg.train.max_checkpoints} checkpoints of {per_checkpoint / 2**20:.0f} MB "
-                      f"plus best, emergency and final model), but only {free / 2**30:.2f} GB are "
-                      "free: lower max_checkpoints or free space")
 
 
 class _Window:

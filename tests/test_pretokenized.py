@@ -56,3 +56,10 @@ def test_bad_records_name_the_file_and_line(tmp_path, tokenizer_dir, line, messa
     cfg = config.resolve(tiny_params(tmp_path, dataset=str(source), tokenizer=str(tokenizer_dir)))
     with pytest.raises(ValueError, match=message):
         data.prepare(cfg)
+
+
+def test_token_ids_with_a_bpe_spec_ask_for_the_tokenizer_that_made_them(tmp_path):
+    source = write_jsonl(tmp_path / "ids.jsonl", records(20))
+    cfg = config.resolve(tiny_params(tmp_path, dataset=str(source), tokenizer="bpe:300"))
+    with pytest.raises(ValueError, match=r"holds token ids, so a BPE cannot be trained on it"):
+        data.prepare(cfg)

@@ -93,7 +93,7 @@ def test_fresh_run_refuses_a_directory_with_checkpoints_and_auto_continues(tiny_
 def test_a_run_that_cannot_fit_on_disk_is_refused_at_start(tiny_config, monkeypatch):
     import collections
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 10_000))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 10_000))
     with pytest.raises(OSError, match=r"would need about .* GB .* lower max_checkpoints"):
         run_tiny(tiny_config)
     assert not (tiny_config.output_dir / "checkpoints").exists()
