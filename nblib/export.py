@@ -7,6 +7,7 @@ from pathlib import Path
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from . import checkpoint, files
+from . import model as model_weights
 from .step import weights_are_finite
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ def load_best_weights(model: PreTrainedModel, run_dir: Path) -> bool:
     best = Path(run_dir) / checkpoint.BEST_MODEL
     if not best.is_file():
         return False
-    model.load_state_dict(checkpoint.load(best)["model_state_dict"])
+    model_weights.load_weights(model, checkpoint.load(best))
     return True
 
 
@@ -35,6 +36,7 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
     if not weights_are_finite(model):
         raise ValueError("refusing to export: the model's weights are not finite; load "
                          "best_model.pt (export.load_best_weights) or resume from a checkpoint")
+    model = model_weights.unpadded(model)  # the tokenizer's vocabulary, not the padded rows
     model.generation_config = GenerationConfig(
         do_sample=True, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=max_new_tokens,
         bos_token_id=model.config.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -16,6 +16,7 @@ def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts:
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     context = model.config.n_positions
+    padding = list(range(len(tokenizer), model.config.vocab_size))  # a training model's padded rows
     texts = []
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt").to(device)
@@ -25,7 +26,8 @@ def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts:
                              f"sees at most n_positions={context}")
         # Past n_positions the position embedding has no row: stop at the context's end.
         output = model.generate(**inputs, max_new_tokens=min(max_new_tokens, context - prompt_length),
-                                do_sample=True, pad_token_id=tokenizer.eos_token_id)
+                                do_sample=True, pad_token_id=tokenizer.eos_token_id,
+                                suppress_tokens=padding or None)
         texts.append(tokenizer.decode(output[0], skip_special_tokens=True))
     return texts
 

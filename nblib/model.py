@@ -1,19 +1,33 @@
-"""The model: transformers' GPT2LMHeadModel, so the result loads anywhere Hugging Face does."""
+"""The model: transformers' GPT2LMHeadModel, so the result loads anywhere Hugging Face does.
+
+Inside a run the vocabulary rows (the embedding and the tied lm_head) are padded to a multiple of
+64, the width tensor-core matmuls want (nanoGPT's 50257 -> 50304). The padding never leaves the
+run: checkpoints keep it apart from `model_state_dict`, which holds the tokenizer-sized model the
+guide's load snippet builds, and the export drops it.
+"""
 from __future__ import annotations
 
+import copy
+
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .config import ModelConfig
 
+VOCAB_MULTIPLE = 64
+VOCAB_KEYS = ("transformer.wte.weight", "lm_head.weight")  # tied: one tensor, two names
+
 
 def gpt2_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2Config:
-    """The GPT2Config for `cfg`; `vocab_size=None` takes the tokenizer's size."""
+    """The GPT2Config for `cfg`: `vocab_size=None` takes the tokenizer's size, and the model's
+    rows are that size padded to a multiple of VOCAB_MULTIPLE (`unpadded_vocab_size` keeps it)."""
     vocab_size = cfg.vocab_size or len(tokenizer)
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size={vocab_size}: smaller than the tokenizer's "
                          f"{len(tokenizer)} tokens; use None to take the tokenizer's size")
     return GPT2Config(
-        vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+        vocab_size=-(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
+        unpadded_vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.n_inner,
         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
         bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
@@ -26,10 +40,53 @@ def build(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadMod
     return GPT2LMHeadModel(gpt2_config(cfg, tokenizer))
 
 
+def unpadded_vocab_size(model: GPT2LMHeadModel) -> int:
+    return getattr(model.config, "unpadded_vocab_size", model.config.vocab_size)
+
+
+def split_padding(weights: dict[str, torch.Tensor], vocab_size: int) -> tuple[dict, dict]:
+    """(weights with `vocab_size` vocabulary rows, the padding rows by key): views, no copies."""
+    plain, padding = dict(weights), {}
+    for key in VOCAB_KEYS:
+        if key in plain and plain[key].shape[0] > vocab_size:
+            plain[key], padding[key] = plain[key][:vocab_size], plain[key][vocab_size:]
+    return plain, padding
+
+
+def checkpoint_weights(model: GPT2LMHeadModel) -> dict[str, dict[str, torch.Tensor]]:
+    """`model_state_dict` (tokenizer-sized) and `vocab_padding` for a checkpoint."""
+    weights, padding = split_padding(model.state_dict(), unpadded_vocab_size(model))
+    return {"model_state_dict": weights, "vocab_padding": padding}
+
+
+def load_weights(model: GPT2LMHeadModel, saved: dict) -> None:
+    """Load a checkpoint's weights (padding rows put back; `_orig_mod.` prefixes stripped)."""
+    padding = saved.get("vocab_padding") or {}
+    weights = {key.removeprefix("_orig_mod."): value for key, value in saved["model_state_dict"].items()}
+    model.load_state_dict({key: torch.cat([value, padding[key].to(value.device)]) if key in padding
+                           else value for key, value in weights.items()})
+
+
+def unpadded(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """`model` itself when it has no padding rows, else a CPU copy without them."""
+    vocab_size = unpadded_vocab_size(model)
+    if vocab_size == model.config.vocab_size:
+        return model
+    config = copy.deepcopy(model.config)
+    config.vocab_size = vocab_size
+    del config.unpadded_vocab_size
+    plain = GPT2LMHeadModel(config)
+    plain.load_state_dict(split_padding(model.state_dict(), vocab_size)[0])
+    return plain
+
+
 def parameter_counts(model: GPT2LMHeadModel) -> dict[str, int]:
-    """Total and non-embedding parameters (the tied lm_head is counted once)."""
-    total = sum(p.numel() for p in model.parameters())
-    embeddings = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    """Total and non-embedding parameters of the exported model: the tied lm_head is counted once
+    and the padding rows not at all."""
+    padding_rows = model.config.vocab_size - unpadded_vocab_size(model)
+    total = sum(p.numel() for p in model.parameters()) - padding_rows * model.config.n_embd
+    embeddings = (model.transformer.wte.weight.numel() - padding_rows * model.config.n_embd
+                  + model.transformer.wpe.weight.numel())
     return {"total": total, "non_embedding": total - embeddings}
 
 
@@ -37,5 +94,6 @@ def describe(model: GPT2LMHeadModel) -> str:
     counts = parameter_counts(model)
     c = model.config
     return (f"GPT-2: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, context "
-            f"{c.n_positions}, vocabulary {c.vocab_size:,}; {counts['total'] / 1e6:.2f}M "
+            f"{c.n_positions}, vocabulary {unpadded_vocab_size(model):,} (padded to {c.vocab_size:,} "
+            f"for the matmuls); {counts['total'] / 1e6:.2f}M "
             f"parameters, {counts['non_embedding'] / 1e6:.2f}M outside the embeddings")

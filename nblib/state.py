@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import model as model_weights
+
 
 @dataclass
 class TrainState:
@@ -35,7 +37,7 @@ class TrainState:
     def state_dict(self, config: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint that `torch.load(path, weights_only=True)` can read: tensors and primitives."""
         return {
-            "model_state_dict": self.model.state_dict(),
+            **model_weights.checkpoint_weights(self.model),
             "optimizer_state_dict": self.optimizer.state_dict(),
             "scheduler_state_dict": self.scheduler.state_dict(),
             "scaler_state_dict": self.scaler.state_dict() if self.scaler else None,
@@ -51,7 +53,7 @@ class TrainState:
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         """Restore from a checkpoint dict (tensors may be on any device)."""
-        self.model.load_state_dict(strip_compile_prefix(checkpoint["model_state_dict"]))
+        model_weights.load_weights(self.model, checkpoint)
         self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
         self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
         if self.scaler and checkpoint.get("scaler_state_dict"):
@@ -65,11 +67,6 @@ class TrainState:
         self.bad_streak = checkpoint.get("bad_streak", 0)
         self.events = list(checkpoint.get("events", []))
         restore_rng(checkpoint["rng_state"])
-
-
-def strip_compile_prefix(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys saved from a torch.compile'd module carry `_orig_mod.`; a plain module has none."""
-    return {k.removeprefix("_orig_mod."): v for k, v in weights.items()}
 
 
 def capture_rng() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 
 import torch
-from transformers import GPT2LMHeadModel, pipeline
+from transformers import GPT2Config, GPT2LMHeadModel, pipeline
 
 from nblib import data, export, generate, hardware, model, plots, state, train
 
@@ -12,15 +12,20 @@ def test_final_model_loads_in_a_pipeline_and_guide_snippet_works(tiny_config):
     result = train.run(tiny_config, hardware.detect("fp32"), net, corpus)
     out = tiny_config.output_dir
 
-    # The Kaggle guide's "Load from Checkpoint" snippet, as written.
+    # The Kaggle guide's "Load from Checkpoint" snippet, as written: a model of the tokenizer's
+    # vocabulary (300 here, padded to 320 while training) takes model_state_dict.
     checkpoint = torch.load(out / "best_model.pt")
-    fresh = model.build(tiny_config.model, corpus.tokenizer)
+    m = tiny_config.model
+    fresh = GPT2LMHeadModel(GPT2Config(vocab_size=len(corpus.tokenizer), n_positions=m.n_positions,
+                                       n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head, n_inner=m.n_inner))
     fresh.load_state_dict(checkpoint["model_state_dict"])
     assert {"model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "epoch", "step",
             "train_loss", "val_loss", "config"} <= set(checkpoint)
 
     assert export.load_best_weights(net, out)
+    assert net.config.vocab_size == 320  # padded while training; the export is tokenizer-sized
     final = export.final_model(net, corpus.tokenizer, out)
+    assert GPT2Config.from_pretrained(final).vocab_size == len(corpus.tokenizer)
     assert (final / "model.safetensors").is_file() and (final / "generation_config.json").is_file()
     generator = pipeline("text-generation", model=str(final))
     text = generator("the river", max_new_tokens=8)[0]["generated_text"]
@@ -53,3 +58,14 @@ def test_non_finite_weights_are_never_exported(tiny_config):
     with pytest.raises(ValueError, match="weights are not finite"):
         export.final_model(net, corpus.tokenizer, tiny_config.output_dir)
     assert not (tiny_config.output_dir / "final_model").exists()
+
+
+def test_samples_from_a_padded_training_model_never_use_padding_rows(tiny_config):
+    corpus = data.prepare(tiny_config)
+    net = model.build(tiny_config.model, corpus.tokenizer)
+    with torch.no_grad():  # every hidden state all ones, padding rows the likeliest tokens
+        net.transformer.ln_f.weight.zero_()
+        net.transformer.ln_f.bias.fill_(1.0)
+        net.transformer.wte.weight[len(corpus.tokenizer):] = 5.0
+    text = generate.samples(net, corpus.tokenizer, ["the river"], max_new_tokens=6)[0]
+    assert text.startswith("the river") and len(text) > len("the river")

@@ -1,4 +1,7 @@
+from dataclasses import replace
+
 import pytest
+import torch
 
 from nblib import config, model
 
@@ -20,7 +23,30 @@ def test_guide_config_has_19_3m_parameters_6_3m_outside_embeddings():
 
 def test_vocab_none_takes_the_tokenizers_and_smaller_is_refused(tmp_path):
     cfg = config.resolve({"preset": "smoke", "output_dir": str(tmp_path)}).model
-    assert model.gpt2_config(cfg, FakeTokenizer()).vocab_size == 50257
-    from dataclasses import replace
+    assert model.gpt2_config(cfg, FakeTokenizer()).unpadded_vocab_size == 50257
     with pytest.raises(ValueError, match="vocab_size=100: smaller than the tokenizer's 50257"):
         model.gpt2_config(replace(cfg, vocab_size=100), FakeTokenizer())
+
+
+def test_vocabulary_is_padded_to_a_multiple_of_64_inside_the_run_only():
+    cfg = replace(config.resolve({"preset": "smoke"}).model, vocab_size=None)
+    net = model.build(cfg, FakeTokenizer())
+    assert net.config.vocab_size == 50304 and net.transformer.wte.weight.shape[0] == 50304
+    assert "vocabulary 50,257 (padded to 50,304" in model.describe(net)
+
+    saved = model.checkpoint_weights(net)
+    assert saved["model_state_dict"]["transformer.wte.weight"].shape[0] == 50257
+    assert saved["vocab_padding"]["transformer.wte.weight"].shape[0] == 47
+
+    torch.manual_seed(1)
+    other = model.build(cfg, FakeTokenizer())
+    compiled_keys = {f"_orig_mod.{k}": v for k, v in saved["model_state_dict"].items()}
+    model.load_weights(other, {**saved, "model_state_dict": compiled_keys})
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(other.state_dict()[name], tensor), name  # padding rows included
+
+    plain = model.unpadded(net)
+    assert plain.config.vocab_size == 50257 and not hasattr(plain.config, "unpadded_vocab_size")
+    ids = torch.tensor([[1, 2, 50256]])
+    assert torch.equal(plain(ids).logits, net(ids).logits[..., :50257])
+    assert model.parameter_counts(plain) == model.parameter_counts(net)

@@ -87,12 +87,6 @@ def test_torch_compile_trains_the_same_and_saves_plain_keys(tmp_path, wikitext_f
     assert not any(k.startswith("_orig_mod.") for k in saved["model_state_dict"])
 
 
-def test_keys_saved_from_a_compiled_module_load_into_a_plain_one():
-    from nblib.state import strip_compile_prefix
-    weights = {"_orig_mod.transformer.wte.weight": torch.ones(1), "lm_head.weight": torch.ones(1)}
-    assert list(strip_compile_prefix(weights)) == ["transformer.wte.weight", "lm_head.weight"]
-
-
 def test_torch_compile_is_refused_on_a_gpu_below_7_0():
     device = hardware.Device(torch.device("cpu"), "fp32", gpu_name="Tesla P100", compute_capability=(6, 0))
     object.__setattr__(device, "device", torch.device("cuda", 0))
