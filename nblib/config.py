@@ -82,6 +82,7 @@ class RunConfig:
     resume_from_checkpoint: str  # "", a checkpoint path, or "auto"
     dry_run: bool  # print the resolved config and stop
     prompts: tuple[str, ...] = ()  # prompts for the samples shown after training
+    devices: str | int = "auto"  # processes for data-parallel training: "auto" (every GPU) or a count
     started_at: float = field(default_factory=time.time)  # the notebook's start: the time budget counts from it
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +98,8 @@ class RunConfig:
             lines.append(f"{name}: {items}")
         lines.append(f"effective batch: {t.batch_size} x {t.gradient_accumulation_steps} = "
                      f"{t.effective_batch} blocks = {t.tokens_per_step:,} tokens per step")
-        lines.append(f"resume_from_checkpoint={self.resume_from_checkpoint!r}, dry_run={self.dry_run}")
+        lines.append(f"resume_from_checkpoint={self.resume_from_checkpoint!r}, devices={self.devices!r}, "
+                     f"dry_run={self.dry_run}")
         return "\n".join(lines)
 
 
@@ -136,7 +138,8 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
 # Values no preset changes; "" and None in the notebook fall back to these.
 PARAMETER_DEFAULTS = dict(output_dir="", text_column="text", precision="auto", seed=42,
                           resume_from_checkpoint="", dry_run=False, max_bad_steps=10, stride=None,
-                          drop_remainder=True, token_key="", torch_compile=False)
+                          drop_remainder=True, token_key="", torch_compile=False,
+                          devices="auto")
 
 PARAMETERS = (
     "preset", "output_dir", "dataset", "dataset_config", "text_column", "tokenizer", "stride",
@@ -144,7 +147,8 @@ PARAMETERS = (
     "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "dropout",
     "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm",
     "epochs", "max_steps", "warmup_steps", "max_length", "save_steps", "eval_steps",
-    "max_checkpoints", "time_budget_minutes", "max_bad_steps", "torch_compile", "resume_from_checkpoint", "precision", "seed", "dry_run",
+    "max_checkpoints", "time_budget_minutes", "max_bad_steps", "torch_compile", "resume_from_checkpoint",
+    "precision", "devices", "seed", "dry_run",
 )
 
 
@@ -183,7 +187,7 @@ def _build(preset: str, v: dict[str, Any]) -> RunConfig:
         preset=preset, output_dir=output_dir,
         data=pick(DataConfig), model=pick(ModelConfig), train=pick(TrainConfig),
         resume_from_checkpoint=str(v["resume_from_checkpoint"]), dry_run=v["dry_run"],
-        prompts=tuple(v["prompts"]),
+        prompts=tuple(v["prompts"]), devices=v["devices"],
     )
 
 
@@ -210,6 +214,10 @@ def _check_types(v: Mapping[str, Any]) -> list[str]:
                  "resume_from_checkpoint", "output_dir", "token_key"):
         if not isinstance(v[name], (str, Path)):
             problems.append(f"{name}={v[name]!r}: must be a string")
+    if v["devices"] != "auto" and (isinstance(v["devices"], bool) or not isinstance(v["devices"], int)
+                                   or v["devices"] < 1):
+        problems.append(f"devices={v['devices']!r}: must be 'auto' (every GPU) or a number of "
+                        "processes >= 1")
     problems += [f"{name}={v[name]!r}: must be True or False"
                  for name in ("dry_run", "drop_remainder", "torch_compile")
                  if not isinstance(v[name], bool)]

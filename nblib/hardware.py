@@ -25,6 +25,13 @@ class Device:
     gpu_memory_gb: float = 0.0
     gpu_count: int = 0
     cpu_features: tuple[str, ...] = field(default_factory=tuple)
+    world_size: int = 1  # data-parallel processes (one per GPU; gloo processes on a CPU)
+    rank: int = 0  # this process's rank among them
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and shows progress."""
+        return self.rank == 0
 
     @property
     def is_cuda(self) -> bool:
@@ -49,7 +56,9 @@ class Device:
         else:
             where = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         features = ", ".join(self.cpu_features) or "none"
-        return (f"{where}; CPU features: {features}; precision {self.precision}; "
+        processes = (f"; data-parallel over {self.world_size} processes ({'NCCL' if self.is_cuda else 'gloo'})"
+                     if self.world_size > 1 else "")
+        return (f"{where}; CPU features: {features}; precision {self.precision}{processes}; "
                 f"torch {torch.__version__}")
 
 
@@ -63,23 +72,29 @@ def cpu_features() -> tuple[str, ...]:
     return tuple(f for f in wanted if f in flags)
 
 
-def detect(precision: str = "auto") -> Device:
-    """Pick the device and resolve `precision` ("auto", "fp32", "fp16" or "bf16").
+def detect(precision: str = "auto", devices: str | int = "auto") -> Device:
+    """Pick the device, resolve `precision` ("auto", "fp32", "fp16" or "bf16") and the number of
+    data-parallel processes (`devices`: "auto" for every GPU, or a count).
 
     Raises:
-        ValueError: a precision the hardware cannot run (fp16 on CPU, bf16 on a GPU below 8.0).
+        ValueError: a precision the hardware cannot run (fp16 on CPU, bf16 on a GPU below 8.0),
+            or more processes than GPUs.
     """
     features = cpu_features()
     if not torch.cuda.is_available():
         return Device(torch.device("cpu"), _cpu_precision(precision, features),
-                      cpu_features=features)
+                      cpu_features=features, world_size=1 if devices == "auto" else devices)
     props = torch.cuda.get_device_properties(0)
     capability = (props.major, props.minor)
     check_kernels(props.name, capability, torch.cuda.get_arch_list())
+    count = torch.cuda.device_count()
+    if devices != "auto" and devices > count:
+        raise ValueError(f"devices={devices}: this machine has {count} GPU(s); on Kaggle choose "
+                         "Accelerator: GPU T4 x2 for two, or use devices='auto'")
     return Device(torch.device("cuda", 0), _gpu_precision(precision, capability),
                   gpu_name=props.name, compute_capability=capability,
-                  gpu_memory_gb=props.total_memory / 2**30,
-                  gpu_count=torch.cuda.device_count(), cpu_features=features)
+                  gpu_memory_gb=props.total_memory / 2**30, gpu_count=count,
+                  cpu_features=features, world_size=count if devices == "auto" else devices)
 
 
 def check_kernels(name: str, capability: tuple[int, int], arch_list: list[str]) -> None:

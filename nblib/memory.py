@@ -45,19 +45,24 @@ def back_off(state: TrainState, effective_batch: int) -> bool:
 
 
 def retry_on_oom(state: TrainState, effective_batch: int, attempt: Callable[[], T],
-                 reset: Callable[[], None]) -> T:
+                 reset: Callable[[], None], agree: Callable[[bool], bool] = bool) -> T:
     """Run `attempt()`; after an OOM, `reset()` (drop the partial gradients), free memory, back
-    off and try again with the smaller micro-batch.
+    off and try again with the smaller micro-batch. `agree(out_of_memory)` is True when any
+    data-parallel rank ran out of memory: then all of them back off together.
 
     Raises:
         OutOfMemoryAtMicroBatchOne: the OOM happened at a micro-batch of 1.
     """
     while True:
+        out_of_memory = False
         try:
-            return attempt()
+            result = attempt()
         except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(error):
                 raise
+            out_of_memory = True
+        if not agree(out_of_memory):
+            return result
         # Out of the except block: the traceback, and the activations it kept alive, are gone.
         reset()
         free_memory()

@@ -20,6 +20,8 @@ class TrainState:
     scaler: torch.amp.GradScaler | None
     batch_size: int  # micro-batch in use (OOM recovery may lower it)
     gradient_accumulation_steps: int  # raised with it, so the effective batch stays fixed
+    global_batch: int  # blocks per optimizer step over all processes
+    world_size: int = 1  # data-parallel processes sharing `global_batch`
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current pass over the training blocks
     position: int = 0  # blocks of this epoch's shuffled order already consumed
@@ -32,7 +34,13 @@ class TrainState:
     skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradients)
     bad_streak: int = 0  # consecutive steps with a non-finite loss
     events: list[dict[str, Any]] = field(default_factory=list)  # OOM back-offs, in order
-    compiled: torch.nn.Module | None = None  # torch.compile'd model for forward passes; never saved
+    forward_module: torch.nn.Module | None = None  # DDP- and/or compile-wrapped model for training
+    ddp: torch.nn.Module | None = None  # the DistributedDataParallel wrapper, in a worker process
+
+    @property
+    def per_rank_batch(self) -> int:
+        """Blocks this process handles per optimizer step."""
+        return self.global_batch // self.world_size
 
     def state_dict(self, config: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint that `torch.load(path, weights_only=True)` can read: tensors and primitives."""
@@ -46,6 +54,7 @@ class TrainState:
             "train_loss": self.train_loss, "val_loss": self.val_loss,
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "global_batch": self.global_batch, "world_size": self.world_size,
             "rng_state": capture_rng(), "history": list(self.history),
             "step_losses": list(self.step_losses), "skipped_steps": self.skipped_steps,
             "bad_streak": self.bad_streak, "events": list(self.events), "config": config,
@@ -61,6 +70,9 @@ class TrainState:
         for name in ("epoch", "step", "position", "tokens_seen", "best_val_loss", "train_loss",
                      "val_loss", "batch_size", "gradient_accumulation_steps"):
             setattr(self, name, checkpoint[name])
+        self.world_size = checkpoint.get("world_size", 1)
+        self.global_batch = checkpoint.get(
+            "global_batch", self.batch_size * self.gradient_accumulation_steps * self.world_size)
         self.history = list(checkpoint["history"])
         self.step_losses = list(checkpoint.get("step_losses", []))
         self.skipped_steps = checkpoint.get("skipped_steps", 0)

@@ -1,6 +1,7 @@
 """The arithmetic of training: optimizer and schedule, one optimizer step, evaluation."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import memory
+from . import distributed, memory
 from .config import RunConfig
 from .hardware import Device
 from .state import TrainState
@@ -52,18 +53,25 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW
 
 
 def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int) -> TrainState:
-    """Model on the device, AdamW, warm-up/cosine schedule, a GradScaler for fp16, and the
-    compiled forward when `torch_compile` is on."""
+    """Model on the device, AdamW, warm-up/cosine schedule, a GradScaler for fp16; in a worker
+    process the DistributedDataParallel wrapper, and the compiled forward when `torch_compile`
+    is on."""
     model.to(device.device)
     optimizer = build_optimizer(model, cfg)
     schedule = partial(lr_factor, warmup_steps=cfg.train.warmup_steps, total_steps=steps)
+    ddp = None
+    if distributed.in_worker():  # buffers are constants (attention masks): nothing to broadcast
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.device.index] if device.is_cuda else None, broadcast_buffers=False)
+    forward = ddp or model
     return TrainState(
         model=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
         scaler=torch.amp.GradScaler(device.device.type) if device.uses_grad_scaler else None,
         batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        compiled=compiled_forward(model, device) if cfg.train.torch_compile else None)
+        global_batch=cfg.train.effective_batch * device.world_size, world_size=device.world_size,
+        forward_module=compiled_forward(forward, device) if cfg.train.torch_compile else ddp, ddp=ddp)
 
 
 def compiled_forward(model: torch.nn.Module, device: Device) -> torch.nn.Module:
@@ -92,16 +100,30 @@ def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
 
 def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device) -> torch.Tensor:
     """Forward and backward over `blocks` in `state.gradient_accumulation_steps` micro-batches;
-    returns the mean loss as a device tensor (no host sync per micro-step)."""
+    returns the mean loss as a device tensor (no host sync per micro-step). Under DDP every
+    micro-step runs in `no_sync`: no rank waits on another here, so an OOM can be agreed on."""
     state.model.train()
-    forward = state.model if state.compiled is None else state.compiled  # the same parameters
+    forward = state.forward_module or state.model  # the same parameters
     loss_sum = torch.zeros((), device=device.device)
-    for micro in np.array_split(blocks, state.gradient_accumulation_steps):
-        inputs, targets = to_batch(micro, device)
-        loss = loss_of(forward, inputs, targets, device) * (len(micro) / len(blocks))
-        (state.scaler.scale(loss) if state.scaler else loss).backward()
-        loss_sum += loss.detach()
+    with state.ddp.no_sync() if state.ddp else contextlib.nullcontext():
+        for micro in np.array_split(blocks, state.gradient_accumulation_steps):
+            inputs, targets = to_batch(micro, device)
+            loss = loss_of(forward, inputs, targets, device) * (len(micro) / len(blocks))
+            (state.scaler.scale(loss) if state.scaler else loss).backward()
+            loss_sum += loss.detach()
     return loss_sum
+
+
+def synchronize_gradients(state: TrainState, blocks: np.ndarray, device: Device) -> None:
+    """Have DDP average the gradients accumulated under `no_sync` over the ranks: one token goes
+    through the wrapper with sync on and a zero loss, and its backward hooks all-reduce every
+    gradient. The one-token pass is too small to run out of memory, so every OOM happens in
+    `accumulate_gradients`, where the ranks can agree on it."""
+    if state.ddp is None:
+        return
+    inputs, targets = to_batch(blocks[:1, :2], device)
+    loss = loss_of(state.forward_module, inputs, targets, device) * 0.0
+    (state.scaler.scale(loss) if state.scaler else loss).backward()
 
 
 def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_grad_norm: float) -> StepOutcome:
@@ -112,7 +134,10 @@ def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_gr
     """
     optimizer = state.optimizer
     reset = partial(optimizer.zero_grad, set_to_none=True)
-    loss_sum = memory.retry_on_oom(state, len(blocks), lambda: accumulate_gradients(state, blocks, device), reset)
+    loss_sum = memory.retry_on_oom(state, len(blocks), lambda: accumulate_gradients(state, blocks, device),
+                                   reset, agree=lambda oom: distributed.any_rank(oom, device))
+    synchronize_gradients(state, blocks, device)
+    loss_sum = distributed.mean_over_ranks(loss_sum)  # every rank takes the same skip decision
     if state.scaler:
         state.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_grad_norm)

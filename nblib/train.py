@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, files, memory, stopping
+from . import checkpoint, distributed, files, memory, stopping
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -41,6 +41,14 @@ class RunResult:
     run_dir: Path
     elapsed_seconds: float
     signal_name: str | None = None  # what interrupted the run, if anything
+    total_steps: int = 0  # the run's length, which the learning-rate schedule spans
+
+    @property
+    def saved(self) -> Path:
+        """The file holding the state training stopped in."""
+        if self.stop_reason in (StopReason.COMPLETED, StopReason.TIME_BUDGET):
+            return checkpoint.checkpoint_path(self.run_dir, self.state.epoch, self.state.step)
+        return self.run_dir / checkpoint.EMERGENCY
 
     @property
     def history(self) -> list[dict]:
@@ -57,7 +65,7 @@ class RunResult:
         advice = {
             StopReason.COMPLETED: "completed",
             StopReason.TIME_BUDGET: f"stopped at the time budget; {resume}",
-            StopReason.INTERRUPTED: f"interrupted by {self.signal_name}: saved {emergency}; {resume}",
+            StopReason.INTERRUPTED: f"interrupted by {self.signal_name or 'a signal'}: saved {emergency}; {resume}",
             StopReason.BAD_LOSS: (f"stopped after {s.bad_streak} steps in a row with a non-finite "
                                   f"loss: saved {emergency} from the last good weights; lower "
                                   f"learning_rate, then {resume}"),
@@ -73,14 +81,14 @@ class RunResult:
             raise RuntimeError(self.describe())
 
 
-def total_steps(cfg: RunConfig, n_train_blocks: int) -> int:
-    """`max_steps`, or `epochs` full passes when it is 0."""
-    per_epoch = n_train_blocks // cfg.train.effective_batch
+def total_steps(cfg: RunConfig, n_train_blocks: int, global_batch: int) -> int:
+    """`max_steps`, or `epochs` full passes of `global_batch` blocks per step when it is 0."""
+    per_epoch = n_train_blocks // global_batch
     if per_epoch == 0:
         raise ValueError(f"the training split has {n_train_blocks} blocks of max_length="
                          f"{cfg.train.max_length}, fewer than one optimizer step's "
-                         f"{cfg.train.effective_batch}: lower batch_size, "
-                         "gradient_accumulation_steps or max_length, or use more data")
+                         f"{global_batch}: lower batch_size, gradient_accumulation_steps, "
+                         "max_length or devices, or use more data")
     return cfg.train.max_steps or cfg.train.epochs * per_epoch
 
 
@@ -99,39 +107,50 @@ def step_blocks(n_blocks: int, seed: int, epoch: int, position: int, count: int)
     return epoch_order(n_blocks, seed, epoch)[position: position + count], epoch, position + count
 
 
-def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) -> RunResult:
+def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
+        messages=None) -> RunResult:
     """Train `model` on `corpus` as `cfg` says, resuming when asked; returns the outcome.
 
     Writes checkpoints, `best_model.pt` and `training_history.json` under `cfg.output_dir`.
     Stops early with a checkpoint to resume from: on SIGINT/SIGTERM, at the time budget, after
     `max_bad_steps` non-finite losses in a row, or when even a micro-batch of 1 is out of memory.
+    With `device.world_size` > 1 it launches that many data-parallel workers, which come back
+    here; `messages` is how rank 0 shows its progress through the parent.
     """
+    if device.world_size > 1 and not distributed.in_worker():
+        return distributed.launch(cfg, device, model)
     run_dir, t = cfg.output_dir, cfg.train
-    for directory in (run_dir, checkpoint.checkpoint_dir(run_dir)):
-        files.remove_temporaries(directory)
+    if device.is_main:
+        for directory in (run_dir, checkpoint.checkpoint_dir(run_dir)):
+            files.remove_temporaries(directory)
     train_blocks = corpus.blocks("train")
     val_blocks = corpus.blocks("validation")[: t.batch_size * t.eval_batches]  # a fixed subset
-    steps = total_steps(cfg, len(train_blocks))
-    state = new_state(cfg, device, model, steps)
     config = cfg.to_dict()
-    _resume(state, cfg, config)
-    checkpoint.check_disk_budget(run_dir, model, t.max_checkpoints)
-    files.write_json(run_dir / "run_config.json", config)
+    resumed = _find_resume(cfg, config)
+    global_batch = resumed[1].get("global_batch", t.effective_batch) if resumed else t.effective_batch * device.world_size
+    steps = total_steps(cfg, len(train_blocks), global_batch)
+    state = new_state(cfg, device, model, steps)
+    if resumed:
+        _restore(state, *resumed, device)
+    if device.is_main:
+        checkpoint.check_disk_budget(run_dir, model, t.max_checkpoints)
+        files.write_json(run_dir / "run_config.json", config)
 
     budget = stopping.TimeBudget(t.time_budget_minutes, cfg.started_at,
                                  save_seconds=checkpoint.projected_bytes(model) / SAVE_BYTES_PER_SECOND)
     interrupt = stopping.InterruptFlag()
     window, started, reason = _Window(state.tokens_seen), time.perf_counter(), StopReason.COMPLETED
-    with interrupt.installed(), tqdm(total=steps, initial=state.step, desc="training", unit="step",
-                                     mininterval=2.0, dynamic_ncols=True) as bar:
+    with interrupt.installed(), _progress_bar(steps, state.step, device, messages) as bar:
         while state.step < steps:
-            if interrupt or budget.exhausted():  # between steps: the state is whole
-                reason = StopReason.INTERRUPTED if interrupt else StopReason.TIME_BUDGET
+            interrupted, out_of_time = distributed.agree(bool(interrupt), budget.exhausted(), device=device)
+            if interrupted or out_of_time:  # between steps: the state is whole
+                reason = StopReason.INTERRUPTED if interrupted else StopReason.TIME_BUDGET
                 break
             indices, epoch, position = step_blocks(len(train_blocks), t.seed, state.epoch,
-                                                   state.position, t.effective_batch)
+                                                   state.position, state.global_batch)
+            mine = indices[device.rank * state.per_rank_batch:(device.rank + 1) * state.per_rank_batch]
             try:
-                outcome = optimizer_step(state, train_blocks[np.sort(indices)], device, t.max_grad_norm)
+                outcome = optimizer_step(state, train_blocks[np.sort(mine)], device, t.max_grad_norm)
             except memory.OutOfMemoryAtMicroBatchOne:
                 reason = StopReason.OUT_OF_MEMORY  # the position stays before this step
                 break
@@ -142,7 +161,8 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
             if state.step % t.eval_steps == 0 or state.step == steps:
                 budget.eval_took(_evaluate_and_record(state, cfg, config, device, val_blocks, window, started, steps))
             if state.step % t.save_steps == 0 or state.step == steps:
-                budget.save_took(_save_checkpoint(state, cfg, config))
+                distributed.check_in_sync(state.model, state.step, device)
+                budget.save_took(_save_checkpoint(state, cfg, config, device))
             if state.bad_streak >= t.max_bad_steps:
                 reason = StopReason.BAD_LOSS
                 break
@@ -150,8 +170,21 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     last_recorded = state.history[-1]["step"] if state.history else None
     if reason is StopReason.TIME_BUDGET and last_recorded != state.step:  # the history ends where training did
         _evaluate_and_record(state, cfg, config, device, val_blocks, window, started, steps)
-    _save_on_stop(reason, state, cfg, config)
-    return RunResult(state, reason, run_dir, time.perf_counter() - started, interrupt.signal_name)
+    if device.is_main:
+        _save_on_stop(reason, state, cfg, config, device)
+    return RunResult(state, reason, run_dir, time.perf_counter() - started, interrupt.signal_name, steps)
+
+
+def progress_bar(total: int, initial: int, disable: bool = False) -> tqdm:
+    return tqdm(total=total, initial=initial, desc="training", unit="step", mininterval=2.0,
+                dynamic_ncols=True, disable=disable)
+
+
+def _progress_bar(total: int, initial: int, device: Device, messages):
+    """tqdm in a one-process run; rank 0's bar drawn by the parent; none on the other ranks."""
+    if messages is not None:
+        return distributed.ProgressToParent(messages, total, initial)
+    return progress_bar(total, initial, disable=not device.is_main)
 
 
 def _count_step(state: TrainState, outcome: StepOutcome, tokens: int, window: "_Window") -> None:
@@ -167,23 +200,43 @@ def _count_step(state: TrainState, outcome: StepOutcome, tokens: int, window: "_
                     state.step, outcome.loss, outcome.grad_norm, state.bad_streak)
 
 
-def _save_on_stop(reason: StopReason, state: TrainState, cfg: RunConfig, config: dict) -> None:
-    """A resumable checkpoint for every early stop; an emergency one when something went wrong."""
-    if reason is StopReason.TIME_BUDGET:
-        _save_checkpoint(state, cfg, config)
+def _save_on_stop(reason: StopReason, state: TrainState, cfg: RunConfig, config: dict,
+                  device: Device) -> None:
+    """A resumable checkpoint for every stop (RunResult.saved); an emergency one when something
+    went wrong."""
+    if reason in (StopReason.COMPLETED, StopReason.TIME_BUDGET):
+        _save_checkpoint(state, cfg, config, device)
     elif reason is not StopReason.COMPLETED:
         # Skipped steps changed no weights, so for a bad loss these are the last good ones.
         checkpoint.save(cfg.output_dir / checkpoint.EMERGENCY, state.state_dict(config))
 
 
-def _resume(state: TrainState, cfg: RunConfig, config: dict) -> None:
+def _find_resume(cfg: RunConfig, config: dict) -> tuple[Path, dict] | None:
     resumed = checkpoint.find_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if resumed:
-        path, saved = resumed
-        checkpoint.check_compatible(saved, config, path)
-        state.load_state_dict(saved)
-        log.info("resumed from %s at step %d (epoch %d, block %d of its order)",
-                 path, state.step, state.epoch, state.position)
+        checkpoint.check_compatible(resumed[1], config, resumed[0])
+    return resumed
+
+
+def _restore(state: TrainState, path: Path, saved: dict, device: Device) -> None:
+    """Load a checkpoint; under another number of processes, keep its global batch and split it
+    anew (more accumulation on fewer processes), so the data position and the schedule carry on."""
+    state.load_state_dict(saved)
+    if state.world_size != device.world_size:
+        per_rank, rest = divmod(state.global_batch, device.world_size)
+        if rest:
+            raise ValueError(f"{path} trained with a global batch of {state.global_batch} blocks, "
+                             f"which {device.world_size} processes cannot share evenly; use devices="
+                             f"{state.world_size}")
+        accumulation = max(1, state.gradient_accumulation_steps * state.world_size // device.world_size)
+        state.gradient_accumulation_steps = min(accumulation, per_rank)
+        state.batch_size = math.ceil(per_rank / state.gradient_accumulation_steps)
+        log.info("resuming a %d-process run in %d: global batch %d kept as %d x %d per process",
+                 state.world_size, device.world_size, state.global_batch, state.batch_size,
+                 state.gradient_accumulation_steps)
+        state.world_size = device.world_size
+    log.info("resumed from %s at step %d (epoch %d, block %d of its order)",
+             path, state.step, state.epoch, state.position)
 
 
 class _Window:
@@ -234,16 +287,21 @@ def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device
     log.info("step %d/%d: train loss %.4f, val loss %.4f (perplexity %.1f), lr %.2e, %.0f tokens/s, "
              "%.0f s", state.step, total, state.train_loss, state.val_loss, record["val_perplexity"],
              record["learning_rate"], record["tokens_per_second"], record["elapsed_seconds"])
-    files.write_json(cfg.output_dir / "training_history.json", state.history)
+    if device.is_main:  # every rank holds the same history and weights; one writes them
+        files.write_json(cfg.output_dir / "training_history.json", state.history)
     if state.val_loss < state.best_val_loss and weights_are_finite(state.model):
         state.best_val_loss = state.val_loss
-        checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(config))
+        if device.is_main:
+            checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(config))
     window.reset(state.tokens_seen)  # throughput counts training, not evaluation and its saves
     return time.perf_counter() - began
 
 
-def _save_checkpoint(state: TrainState, cfg: RunConfig, config: dict) -> float:
-    """Checkpoint this step (once), rotate, and drop the emergency checkpoint it supersedes."""
+def _save_checkpoint(state: TrainState, cfg: RunConfig, config: dict, device: Device) -> float:
+    """Checkpoint this step (once, from rank 0), rotate, and drop the emergency checkpoint it
+    supersedes."""
+    if not device.is_main:
+        return 0.0
     path = checkpoint.checkpoint_path(cfg.output_dir, state.epoch, state.step)
     if path.exists():
         return 0.0
