@@ -6,7 +6,7 @@ nblib.generate` and `python -m nblib.job` run without importing the rest.
 """
 import importlib
 
-__all__ = ["checkpoint", "config", "data", "export", "files", "generate", "hardware", "job", "memory",
+__all__ = ["checkpoint", "config", "data", "distributed", "export", "files", "generate", "hardware", "job", "memory",
            "model", "paths", "plots", "sources", "state", "step", "stopping", "tokenizer", "train"]
 
 

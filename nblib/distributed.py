@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import inspect
 import logging
 import logging.handlers
 import os
@@ -23,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from . import stopping
+from .config import TrainConfig
 from .hardware import Device
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,16 @@ log = logging.getLogger(__name__)
 def in_worker() -> bool:
     """True inside a worker process, once its process group is up."""
     return dist.is_available() and dist.is_initialized()
+
+
+def wrap(model: torch.nn.Module, device: Device) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP around `model`. Its buffers are constants (attention masks): nothing to re-broadcast
+    before each forward (the argument's name changed in torch 2.13)."""
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in parameters
+                      else {"broadcast_buffers": False})
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.device.index] if device.is_cuda else None, **no_buffer_sync)
 
 
 def agree(*flags: bool, device: Device) -> tuple[bool, ...]:
@@ -70,13 +82,14 @@ def check_in_sync(model: torch.nn.Module, step: int, device: Device) -> None:
                            f"{', '.join(differs[:5])}")
 
 
-def describe(device: Device, batch_size: int, accumulation: int, max_length: int) -> str:
+def describe(device: Device, train: TrainConfig) -> str:
     """The global batch, which grows with the number of processes."""
+    batch_size, accumulation = train.batch_size, train.gradient_accumulation_steps
     blocks = batch_size * accumulation * device.world_size
     where = (f"data-parallel over {device.world_size} {'GPUs (NCCL)' if device.is_cuda else 'CPU processes (gloo)'}"
              if device.world_size > 1 else "one process")
     return (f"{where}: global batch {batch_size} x {accumulation} x {device.world_size} = {blocks} "
-            f"blocks = {blocks * max_length:,} tokens per optimizer step")
+            f"blocks = {blocks * train.max_length:,} tokens per optimizer step")
 
 
 def launch(cfg, device: Device, model: torch.nn.Module):
@@ -112,7 +125,8 @@ def launch(cfg, device: Device, model: torch.nn.Module):
     state = step.new_state(cfg, dataclasses.replace(device, world_size=1), model, outcome["total_steps"])
     state.load_state_dict(checkpoint.load(outcome["saved"]))
     return train.RunResult(state, train.StopReason(outcome["stop_reason"]), cfg.output_dir,
-                           outcome["elapsed_seconds"], outcome["signal_name"], outcome["total_steps"])
+                           outcome["elapsed_seconds"], interrupt.signal_name or outcome["signal_name"],
+                           outcome["total_steps"])
 
 
 def _handle(message: tuple, bar) -> dict | None:
@@ -152,7 +166,6 @@ def _worker(rank: int, world_size: int, port: int, cfg, device: Device, model: t
             messages) -> None:
     from . import data, train
 
-    import faulthandler, sys; faulthandler.dump_traceback_later(45, exit=True, file=sys.__stderr__)
     _log_to_parent(messages, rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device.is_cuda:

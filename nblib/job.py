@@ -14,7 +14,7 @@ def run(params: Mapping[str, Any]) -> train.RunResult:
     """Resolve `params`, prepare the data, build the model and train it: the notebook's cells
     from setup to train, with no export."""
     cfg = config.resolve(params)
-    device = hardware.detect(cfg.train.precision)
+    device = hardware.detect(cfg.train.precision, cfg.devices)
     state.seed_everything(cfg.train.seed)
     corpus = data.prepare(cfg)
     return train.run(cfg, device, model.build(cfg.model, corpus.tokenizer), corpus)

@@ -59,11 +59,8 @@ def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int
     model.to(device.device)
     optimizer = build_optimizer(model, cfg)
     schedule = partial(lr_factor, warmup_steps=cfg.train.warmup_steps, total_steps=steps)
-    ddp = None
-    if distributed.in_worker():  # buffers are constants (attention masks): nothing to broadcast
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.device.index] if device.is_cuda else None, broadcast_buffers=False)
-    forward = ddp or model
+    ddp = distributed.wrap(model, device) if distributed.in_worker() else None
+    forward = model if ddp is None else ddp
     return TrainState(
         model=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
@@ -103,7 +100,7 @@ def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device) 
     returns the mean loss as a device tensor (no host sync per micro-step). Under DDP every
     micro-step runs in `no_sync`: no rank waits on another here, so an OOM can be agreed on."""
     state.model.train()
-    forward = state.forward_module or state.model  # the same parameters
+    forward = state.model if state.forward_module is None else state.forward_module  # same parameters
     loss_sum = torch.zeros((), device=device.device)
     with state.ddp.no_sync() if state.ddp else contextlib.nullcontext():
         for micro in np.array_split(blocks, state.gradient_accumulation_steps):

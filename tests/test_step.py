@@ -80,7 +80,7 @@ def test_torch_compile_trains_the_same_and_saves_plain_keys(tmp_path, wikitext_f
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir), max_steps=8)
     plain, _ = run_tiny(config.resolve({**base, "output_dir": str(tmp_path / "plain")}))
     compiled, _ = run_tiny(config.resolve({**base, "output_dir": str(tmp_path / "compiled"), "torch_compile": True}))
-    assert compiled.state.compiled is not None
+    assert compiled.state.forward_module is not None
     for a, b in zip(plain.state.step_losses, compiled.state.step_losses):
         assert a == pytest.approx(b, rel=1e-5)
     saved = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "compiled" / "checkpoints")[-1][1])

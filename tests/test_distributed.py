@@ -1,0 +1,125 @@
+"""Data-parallel training with 2 gloo processes on the CPU: through the notebook, across
+interrupts and across world sizes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nblib import checkpoint, distributed
+from conftest import tiny_params
+from test_notebook import execute, outputs_text
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def final_state(run_dir: Path) -> dict:
+    return checkpoint.load(checkpoint.list_checkpoints(run_dir / "checkpoints")[-1][1])
+
+
+def assert_same_losses(a: list[float], b: list[float]) -> None:
+    assert len(a) == len(b)
+    assert a == pytest.approx(b, rel=1e-4)  # summation order differs: shards vs micro-batches
+
+
+def test_notebook_with_two_processes_matches_one_process_with_the_same_global_batch(tmp_path):
+    common = dict(preset="smoke", max_steps=12, eval_steps=4, save_steps=1)  # in-sync check every step
+    for name in ("two", "one"):
+        (tmp_path / name).mkdir()
+    two = execute(tmp_path / "two", output_dir=str(tmp_path / "two" / "run"), devices=2,
+                  batch_size=4, gradient_accumulation_steps=1, **common)
+    one = execute(tmp_path / "one", output_dir=str(tmp_path / "one" / "run"), devices=1,
+                  batch_size=4, gradient_accumulation_steps=2, **common)
+
+    assert "data-parallel over 2 CPU processes (gloo): global batch 4 x 1 x 2 = 8 blocks" in outputs_text(two)
+    assert "step 12/12: train loss" in outputs_text(two)  # rank 0's log lines reach the notebook
+    for name in ("two", "one"):
+        run = tmp_path / name / "run"
+        assert (run / "final_model" / "model.safetensors").is_file()
+        assert len(json.loads((run / "training_history.json").read_text())) == 3
+    two_state, one_state = final_state(tmp_path / "two" / "run"), final_state(tmp_path / "one" / "run")
+    assert two_state["world_size"] == 2 and two_state["global_batch"] == 8 == one_state["global_batch"]
+    assert_same_losses(two_state["step_losses"], one_state["step_losses"])
+
+
+def _diverging_worker(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        layer = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            layer.weight.fill_(1.0 + rank * 1e-6)  # rank 1 drifts by a hair
+            layer.bias.zero_()
+        from nblib.hardware import Device
+        distributed.check_in_sync(layer, 7, Device(torch.device("cpu"), "fp32", world_size=2, rank=rank))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_weights_stop_the_run_with_the_workers_traceback():
+    with pytest.raises(mp.ProcessRaisedException, match=r"rank 1's weights differ from rank 0's at step 7: weight"):
+        mp.start_processes(_diverging_worker, args=(distributed._free_port(),), nprocs=2, start_method="spawn")
+
+
+def start_job(tmp_path: Path, params: dict) -> subprocess.Popen:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    return subprocess.Popen([sys.executable, "-m", "nblib.job", str(tmp_path / "params.json")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+
+
+def run_job(tmp_path: Path, params: dict) -> str:
+    proc = start_job(tmp_path, params)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    return output
+
+
+def interrupt_job(tmp_path: Path, params: dict, after: str) -> str:
+    """Start a job, send SIGINT once `after` shows in its log, return its whole output."""
+    proc = start_job(tmp_path, params)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if after in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    output = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    return output
+
+
+@pytest.fixture
+def job_params(tmp_path, wikitext_file, tokenizer_dir):
+    return tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
+                       max_steps=60, eval_steps=5, save_steps=1000, batch_size=4,
+                       resume_from_checkpoint="auto")
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_interrupt_stops_every_rank_and_the_run_resumes_under_another_world_size(tmp_path, job_params, first, then):
+    def params(devices: int, where: str) -> dict:
+        # The same global batch of 8 blocks either way: 4 x 1 x 2 or 4 x 2 x 1.
+        return {**job_params, "devices": devices, "gradient_accumulation_steps": 2 // devices,
+                "output_dir": str(tmp_path / where)}
+
+    run_job(tmp_path / "reference", params(1, "reference"))
+    reference = final_state(tmp_path / "reference")
+
+    output = interrupt_job(tmp_path / "split", params(first, "split"), after="step 10/60")
+    assert "interrupted by SIGINT" in output
+    emergency = checkpoint.load(tmp_path / "split" / checkpoint.EMERGENCY)
+    assert 10 <= emergency["step"] < 60 and emergency["world_size"] == first
+
+    output = run_job(tmp_path / "split", params(then, "split"))
+    assert f"resuming a {first}-process run in {then}: global batch 8 kept" in output
+    resumed = final_state(tmp_path / "split")
+    assert resumed["step"] == 60 and resumed["world_size"] == then
+    assert_same_losses(resumed["step_losses"], reference["step_losses"])
