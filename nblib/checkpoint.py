@@ -21,7 +21,8 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint_epoch(\d+)_step(\d+)\.pt$")
 BEST_MODEL = "best_model.pt"
 EMERGENCY = "emergency_checkpoint.pt"
 # Config keys whose change makes a checkpoint's weights or tokens meaningless for this run.
-MUST_MATCH = {"model": ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"),
+MUST_MATCH = {"model": ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
+                       "lora_r", "lora_target_modules"),
               "data": ("tokenizer",)}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import json
 import re
 import time
@@ -14,6 +15,10 @@ from . import paths
 
 PRESETS = ("kaggle-t4", "cpu-demo", "smoke")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+REPORTERS = ("none", "tensorboard", "wandb")
+LORA_EXPORTS = ("merged", "adapter")
+SCRATCH = "scratch"
+MODEL_SHAPE = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 BUILTIN_DATASETS = ("builtin:python-docs",)
 GPT2_VOCAB_SIZE = 50257
 BPE_SPEC = re.compile(r"^bpe:(\d+)$")
@@ -39,6 +44,11 @@ class ModelConfig:
     n_head: int  # attention heads per block
     n_inner: int  # hidden width of each MLP
     dropout: float  # residual, embedding and attention dropout
+    init_from: str = SCRATCH  # "scratch", a Hub model id or a local Hugging Face directory
+    lora_r: int = 0  # LoRA rank; 0: train every weight
+    lora_alpha: float = 16.0  # LoRA scaling (alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA path
+    lora_target_modules: tuple[str, ...] = ("c_attn",)  # GPT-2 modules that get adapters
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    prompts: tuple[str, ...]  # continued after training, and at each evaluation
+    max_new_tokens: int = 60
+    temperature: float = 0.8  # below 1 sharper, above 1 more random
+    top_k: int = 50  # sample among the k likeliest tokens; 0: no limit
+    top_p: float = 0.95  # ... and among the fewest whose probabilities reach p
+    repetition_penalty: float = 1.0  # above 1 discourages repeating tokens
+    num_return_sequences: int = 1  # samples per prompt
+    seed: int = 0  # the same seed gives the same samples
+
+
+@dataclass(frozen=True)
 class RunConfig:
     preset: str
     output_dir: Path
@@ -81,25 +103,34 @@ class RunConfig:
     train: TrainConfig
     resume_from_checkpoint: str  # "", a checkpoint path, or "auto"
     dry_run: bool  # print the resolved config and stop
-    prompts: tuple[str, ...] = ()  # prompts for the samples shown after training
+    sampling: SamplingConfig = SamplingConfig(prompts=())
     devices: str | int = "auto"  # processes for data-parallel training: "auto" (every GPU) or a count
+    report_to: str = "none"  # "none", "tensorboard" or "wandb"
+    lora_export: str = "merged"  # final_model of a LoRA run: "merged" weights or the "adapter" alone
+    sample_from: str = ""  # the generate cell's model: "" the one just trained, a directory or a .pt
     started_at: float = field(default_factory=time.time)  # the notebook's start: the time budget counts from it
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (stored in checkpoints and beside the run)."""
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
+    def to_json(self) -> str:
+        """The fully resolved config, as dry_run shows it."""
+        return json.dumps(self.to_dict(), indent=2)
+
     def describe(self) -> str:
         """Readable multi-line summary for the notebook."""
         t = self.train
         lines = [f"preset {self.preset}, output_dir {self.output_dir}"]
-        for name, part in (("data", self.data), ("model", self.model), ("train", self.train)):
+        for name, part in (("data", self.data), ("model", self.model), ("train", self.train),
+                           ("sampling", self.sampling)):
             items = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(part).items())
             lines.append(f"{name}: {items}")
         lines.append(f"effective batch: {t.batch_size} x {t.gradient_accumulation_steps} = "
                      f"{t.effective_batch} blocks = {t.tokens_per_step:,} tokens per step")
         lines.append(f"resume_from_checkpoint={self.resume_from_checkpoint!r}, devices={self.devices!r}, "
-                     f"dry_run={self.dry_run}")
+                     f"report_to={self.report_to!r}, lora_export={self.lora_export!r}, "
+                     f"sample_from={self.sample_from!r}, dry_run={self.dry_run}")
         return "\n".join(lines)
 
 
@@ -139,16 +170,23 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
 PARAMETER_DEFAULTS = dict(output_dir="", text_column="text", precision="auto", seed=42,
                           resume_from_checkpoint="", dry_run=False, max_bad_steps=10, stride=None,
                           drop_remainder=True, token_key="", torch_compile=False,
-                          devices="auto")
+                          devices="auto", init_from=SCRATCH, lora_r=0, lora_alpha=16.0,
+                          lora_dropout=0.05, lora_target_modules="c_attn", lora_export="merged",
+                          max_new_tokens=60, temperature=0.8, top_k=50, top_p=0.95,
+                          repetition_penalty=1.0, num_return_sequences=1, generation_seed=0,
+                          report_to="none", sample_from="")
 
 PARAMETERS = (
     "preset", "output_dir", "dataset", "dataset_config", "text_column", "tokenizer", "stride",
     "drop_remainder", "token_key",
+    "init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_export",
     "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "dropout",
     "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm",
     "epochs", "max_steps", "warmup_steps", "max_length", "save_steps", "eval_steps",
     "max_checkpoints", "time_budget_minutes", "max_bad_steps", "torch_compile", "resume_from_checkpoint",
-    "precision", "devices", "seed", "dry_run",
+    "precision", "devices", "seed", "report_to", "dry_run",
+    "prompts", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+    "num_return_sequences", "generation_seed", "sample_from",
 )
 
 
@@ -167,8 +205,11 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: must be one of {', '.join(PRESETS)}")
     merged = {**PARAMETER_DEFAULTS, **PRESET_VALUES[preset]}
-    merged.update({k: v for k, v in given.items() if v is not None and v != ""})
+    explicit = {k: v for k, v in given.items() if v is not None and v != ""}
+    merged.update(explicit)
     problems = _check_types(merged)
+    if not problems and merged["init_from"] != SCRATCH:
+        problems = _take_pretrained_shape(merged, explicit)
     if problems:
         raise ValueError(_format(problems))
     cfg = _build(preset, merged)
@@ -179,22 +220,32 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
 
 
 def _build(preset: str, v: dict[str, Any]) -> RunConfig:
-    def pick(cls):
-        return cls(**{f.name: v[f.name] for f in dataclasses.fields(cls) if f.name in v})
+    def pick(cls, **values):
+        names = [f.name for f in dataclasses.fields(cls) if f.name in v and f.name not in values]
+        return cls(**{name: v[name] for name in names}, **values)
 
     output_dir = Path(v["output_dir"]) if v["output_dir"] else paths.default_output_dir(preset)
+    targets = tuple(m.strip() for m in v["lora_target_modules"].split(",") if m.strip())
+    prompts = (v["prompts"],) if isinstance(v["prompts"], str) else tuple(v["prompts"])
     return RunConfig(
-        preset=preset, output_dir=output_dir,
-        data=pick(DataConfig), model=pick(ModelConfig), train=pick(TrainConfig),
+        preset=preset, output_dir=output_dir, data=pick(DataConfig),
+        model=pick(ModelConfig, lora_target_modules=targets), train=pick(TrainConfig),
+        sampling=SamplingConfig(prompts=prompts, max_new_tokens=v["max_new_tokens"],
+                                temperature=v["temperature"], top_k=v["top_k"], top_p=v["top_p"],
+                                repetition_penalty=v["repetition_penalty"],
+                                num_return_sequences=v["num_return_sequences"], seed=v["generation_seed"]),
         resume_from_checkpoint=str(v["resume_from_checkpoint"]), dry_run=v["dry_run"],
-        prompts=tuple(v["prompts"]), devices=v["devices"],
+        devices=v["devices"], report_to=v["report_to"], lora_export=v["lora_export"],
+        sample_from=str(v["sample_from"]),
     )
 
 
 _INTS = ("n_positions", "n_embd", "n_layer", "n_head", "n_inner", "batch_size",
          "gradient_accumulation_steps", "epochs", "max_steps", "warmup_steps", "max_length",
-         "save_steps", "eval_steps", "max_checkpoints", "max_bad_steps", "seed")
-_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "dropout", "time_budget_minutes")
+         "save_steps", "eval_steps", "max_checkpoints", "max_bad_steps", "seed", "lora_r",
+         "max_new_tokens", "top_k", "num_return_sequences", "generation_seed")
+_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "dropout", "time_budget_minutes",
+           "lora_alpha", "lora_dropout", "temperature", "top_p", "repetition_penalty")
 
 
 def _check_types(v: Mapping[str, Any]) -> list[str]:
@@ -211,9 +262,14 @@ def _check_types(v: Mapping[str, Any]) -> list[str]:
     if v["stride"] is not None and (isinstance(v["stride"], bool) or not isinstance(v["stride"], int)):
         problems.append(f"stride={v['stride']!r}: must be an integer or None")
     for name in ("dataset", "dataset_config", "text_column", "tokenizer", "precision",
-                 "resume_from_checkpoint", "output_dir", "token_key"):
+                 "resume_from_checkpoint", "output_dir", "token_key", "init_from",
+                 "lora_target_modules", "lora_export", "report_to", "sample_from"):
         if not isinstance(v[name], (str, Path)):
             problems.append(f"{name}={v[name]!r}: must be a string")
+    prompts = v["prompts"]
+    if not isinstance(prompts, str) and not (isinstance(prompts, (list, tuple))
+                                             and all(isinstance(x, str) for x in prompts)):
+        problems.append(f"prompts={prompts!r}: must be a list of strings (or one string)")
     if v["devices"] != "auto" and (isinstance(v["devices"], bool) or not isinstance(v["devices"], int)
                                    or v["devices"] < 1):
         problems.append(f"devices={v['devices']!r}: must be 'auto' (every GPU) or a number of "
@@ -250,11 +306,79 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append(f"max_length={t.max_length!r}: must be <= n_positions={m.n_positions}")
     if t.precision not in PRECISIONS:
         problems.append(f"precision={t.precision!r}: must be one of {', '.join(PRECISIONS)}")
-    problems += _validate_tokenizer(d.tokenizer, m.vocab_size)
+    problems += _validate_sampling(cfg.sampling)
+    if cfg.report_to not in REPORTERS:
+        problems.append(f"report_to={cfg.report_to!r}: must be one of {', '.join(REPORTERS)}")
+    problems += _validate_lora(cfg)
+    if m.init_from == SCRATCH or d.tokenizer != m.init_from:  # a pretrained model's own is checked on load
+        problems += _validate_tokenizer(d.tokenizer, m.vocab_size)
     problems += _validate_dataset(d.dataset)
+    if cfg.sample_from and not Path(cfg.sample_from).exists():
+        problems.append(f"sample_from={cfg.sample_from!r}: no such directory or checkpoint "
+                        "(empty: the model just trained)")
     if cfg.resume_from_checkpoint not in ("", "auto") and not Path(cfg.resume_from_checkpoint).is_file():
         problems.append(f"resume_from_checkpoint={cfg.resume_from_checkpoint!r}: no such file "
                         "(use '' for a fresh run or 'auto' for the newest checkpoint)")
+    return problems
+
+
+def _validate_sampling(g: SamplingConfig) -> list[str]:
+    problems = [f"{k}={v!r}: must be > 0" for k, v in dict(
+        max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+        repetition_penalty=g.repetition_penalty, num_return_sequences=g.num_return_sequences).items()
+        if v <= 0]
+    if g.top_k < 0:
+        problems.append(f"top_k={g.top_k!r}: must be >= 0 (0: no limit)")
+    if not 0 < g.top_p <= 1:
+        problems.append(f"top_p={g.top_p!r}: must be in (0, 1]")
+    return problems
+
+
+def _validate_lora(cfg: RunConfig) -> list[str]:
+    m = cfg.model
+    problems = []
+    if cfg.lora_export not in LORA_EXPORTS:
+        problems.append(f"lora_export={cfg.lora_export!r}: must be one of {', '.join(LORA_EXPORTS)}")
+    if m.lora_r < 0:
+        problems.append(f"lora_r={m.lora_r!r}: must be >= 0 (0: no LoRA)")
+    if m.lora_r <= 0:
+        return problems
+    if m.init_from == SCRATCH:
+        problems.append(f"lora_r={m.lora_r}: LoRA adapts a pretrained model; set init_from to a "
+                        "Hub id or a local model directory, or lora_r=0")
+    if importlib.util.find_spec("peft") is None:
+        problems.append(f"lora_r={m.lora_r}: LoRA needs the optional peft package (pip install "
+                        "peft), or set lora_r=0")
+    if not m.lora_target_modules:
+        problems.append("lora_target_modules='': name at least one module, e.g. 'c_attn' or "
+                        "'c_attn,c_proj,c_fc'")
+    if not 0 <= m.lora_dropout < 1:
+        problems.append(f"lora_dropout={m.lora_dropout!r}: must be in [0, 1)")
+    return problems
+
+
+def _take_pretrained_shape(v: dict[str, Any], explicit: Mapping[str, Any]) -> list[str]:
+    """Put a pretrained model's shape, tokenizer and dropout into `v`; an explicitly given value
+    that disagrees is a problem, not silently replaced."""
+    from transformers import AutoConfig  # a local directory, or the Hub on Kaggle
+
+    source = v["init_from"]
+    try:
+        pretrained = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        return [f"init_from={source!r}: not a Hugging Face model directory or a reachable Hub id "
+                f"({str(error).splitlines()[0]}); on Kaggle turn Internet on for Hub ids"]
+    if pretrained.model_type != "gpt2":
+        return [f"init_from={source!r}: a {pretrained.model_type} model; this notebook trains GPT-2 "
+                "models (gpt2, distilgpt2 or one saved by a previous run)"]
+    shape = dict(vocab_size=pretrained.vocab_size, n_positions=pretrained.n_positions,
+                 n_embd=pretrained.n_embd, n_layer=pretrained.n_layer, n_head=pretrained.n_head,
+                 n_inner=pretrained.n_inner or 4 * pretrained.n_embd, tokenizer=source)
+    problems = [f"{k}={explicit[k]!r}: init_from={source!r} has {k}={shape[k]!r}; leave it None"
+                for k in shape if k in explicit and explicit[k] != shape[k]]
+    v.update(shape)
+    if "dropout" not in explicit:
+        v["dropout"] = pretrained.resid_pdrop
     return problems
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from . import checkpoint, files
+from . import checkpoint, files, lora
 from . import model as model_weights
+from .config import SamplingConfig
 from .step import weights_are_finite
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,13 @@ def load_best_weights(model: PreTrainedModel, run_dir: Path) -> bool:
 
 
 def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_dir: Path,
-                max_new_tokens: int = 60) -> Path:
+                sampling: SamplingConfig | None = None, lora_export: str = "merged") -> Path:
     """Write model (safetensors), config, generation config and tokenizer to `run_dir/final_model`.
 
-    The directory is swapped in whole, so a kill mid-export keeps the previous export.
+    The generation config carries `sampling`'s settings, so `pipeline("text-generation")` samples
+    as the notebook did. A LoRA model is exported merged into a plain GPT2LMHeadModel, or as the
+    adapter alone (`lora_export="adapter"`, loaded with peft's AutoPeftModelForCausalLM). The
+    directory is swapped in whole, so a kill mid-export keeps the previous export.
 
     Raises:
         ValueError: the weights hold NaN or infinity (nothing is written).
@@ -36,19 +40,28 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
     if not weights_are_finite(model):
         raise ValueError("refusing to export: the model's weights are not finite; load "
                          "best_model.pt (export.load_best_weights) or resume from a checkpoint")
-    model = model_weights.unpadded(model)  # the tokenizer's vocabulary, not the padded rows
-    model.generation_config = GenerationConfig(
-        do_sample=True, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=max_new_tokens,
-        bos_token_id=model.config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id)
+    if lora.is_lora(model):
+        exported = lora.merged(model) if lora_export == "merged" else model
+    else:
+        exported = model_weights.unpadded(model)  # the tokenizer's vocabulary, not the padded rows
+    generation = generation_config(sampling or SamplingConfig(prompts=()), tokenizer, model.config)
 
     def fill(directory: Path) -> None:
-        model.save_pretrained(str(directory))
+        exported.save_pretrained(str(directory))
+        generation.save_pretrained(str(directory))
         tokenizer.save_pretrained(str(directory))
 
     path = files.atomic_directory(Path(run_dir) / FINAL_MODEL, fill)
-    log.info("exported %s", path)
+    log.info("exported %s%s", path, " (LoRA adapter only)" if exported is model and lora.is_lora(model) else "")
     return path
+
+
+def generation_config(sampling: SamplingConfig, tokenizer: PreTrainedTokenizerFast, config) -> GenerationConfig:
+    return GenerationConfig(
+        do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+        repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_new_tokens,
+        bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id)
 
 
 def summary(run_dir: Path) -> str:

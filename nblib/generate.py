@@ -1,4 +1,8 @@
-"""Text samples from a trained model, in the notebook or from the command line."""
+"""Text samples from a trained model, in the notebook or from the command line.
+
+    python -m nblib.generate --model runs/smoke/final_model --prompt "Return the" \
+        --temperature 0.7 --top-k 40 --num-return-sequences 3 --seed 1
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,45 +11,89 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
+from . import checkpoint
+from . import model as model_lib
+from .config import ModelConfig, SamplingConfig
+
 
 @torch.no_grad()
-def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts: list[str],
-            max_new_tokens: int = 60, seed: int = 0) -> list[str]:
-    """One sampled continuation per prompt (the model's generation config sets the sampling)."""
+def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, sampling: SamplingConfig) -> list[str]:
+    """`num_return_sequences` sampled continuations of each prompt, prompt first.
+
+    The same seed gives the same texts, and training's random state is left as it was."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    torch.manual_seed(seed)
     context = model.config.n_positions
     padding = list(range(len(tokenizer), model.config.vocab_size))  # a training model's padded rows
     texts = []
-    for prompt in prompts:
-        inputs = tokenizer(prompt, return_tensors="pt").to(device)
-        prompt_length = inputs["input_ids"].shape[1]
-        if prompt_length >= context:
-            raise ValueError(f"prompt {prompt[:40]!r}... is {prompt_length} tokens; the model "
-                             f"sees at most n_positions={context}")
-        # Past n_positions the position embedding has no row: stop at the context's end.
-        output = model.generate(**inputs, max_new_tokens=min(max_new_tokens, context - prompt_length),
-                                do_sample=True, pad_token_id=tokenizer.eos_token_id,
-                                suppress_tokens=padding or None)
-        texts.append(tokenizer.decode(output[0], skip_special_tokens=True))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(sampling.seed)
+        for prompt in sampling.prompts:
+            inputs = tokenizer(prompt, return_tensors="pt").to(device)
+            prompt_length = inputs["input_ids"].shape[1]
+            if prompt_length >= context:
+                raise ValueError(f"prompt {prompt[:40]!r}... is {prompt_length} tokens; the model "
+                                 f"sees at most n_positions={context}")
+            # Past n_positions the position embedding has no row: stop at the context's end.
+            output = model.generate(
+                **inputs, max_new_tokens=min(sampling.max_new_tokens, context - prompt_length),
+                do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
+                top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
+                num_return_sequences=sampling.num_return_sequences,
+                pad_token_id=tokenizer.eos_token_id, suppress_tokens=padding or None)
+            texts += tokenizer.batch_decode(output, skip_special_tokens=True)
+    model.train(was_training)
     return texts
 
 
-def load(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """A model and tokenizer from a Hugging Face directory such as `final_model/`."""
-    return AutoModelForCausalLM.from_pretrained(str(model_dir)), AutoTokenizer.from_pretrained(str(model_dir))
+def load(path: Path, tokenizer: PreTrainedTokenizerFast | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A model and tokenizer from a Hugging Face directory such as `final_model/` (a LoRA adapter
+    directory needs peft), or from a checkpoint `.pt` with the run's `tokenizer`."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        if tokenizer is None:
+            raise ValueError(f"{path} is a checkpoint: give the tokenizer it was trained with")
+        saved = checkpoint.load(path)
+        shape = dict(saved["config"]["model"])
+        shape["lora_target_modules"] = tuple(shape.get("lora_target_modules", ()))
+        model = model_lib.build(ModelConfig(**shape), tokenizer)
+        model_lib.load_weights(model, saved)
+        return model, tokenizer
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
+    return AutoModelForCausalLM.from_pretrained(str(path)), tokenizer or AutoTokenizer.from_pretrained(str(path))
+
+
+def pick(sample_from: str, model: PreTrainedModel,
+         tokenizer: PreTrainedTokenizerFast) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The notebook's generate cell: `model` when `sample_from` is "", else what `load` gives."""
+    return (model, tokenizer) if not sample_from else load(Path(sample_from), tokenizer)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate text with a trained final_model/")
-    parser.add_argument("--model", required=True, type=Path, help="a final_model directory")
+    defaults = SamplingConfig(prompts=())
+    parser = argparse.ArgumentParser(description="Generate text with a trained model")
+    parser.add_argument("--model", required=True, type=Path, help="a final_model directory, or a checkpoint .pt")
+    parser.add_argument("--tokenizer", type=Path, help="the tokenizer directory, for a checkpoint .pt")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several")
-    parser.add_argument("--max-new-tokens", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-k", type=int, default=defaults.top_k)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    parser.add_argument("--num-return-sequences", type=int, default=defaults.num_return_sequences)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
-    model, tokenizer = load(args.model)
-    for text in samples(model, tokenizer, args.prompt, args.max_new_tokens, args.seed):
+    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer)) if args.tokenizer else None
+    model, tokenizer = load(args.model, tokenizer)
+    sampling = SamplingConfig(
+        prompts=tuple(args.prompt), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        num_return_sequences=args.num_return_sequences, seed=args.seed)
+    for text in samples(model, tokenizer, sampling):
         print(text, end="\n\n")
 
 

@@ -12,7 +12,8 @@ import copy
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from .config import ModelConfig
+from . import lora
+from .config import SCRATCH, ModelConfig
 
 VOCAB_MULTIPLE = 64
 VOCAB_KEYS = ("transformer.wte.weight", "lm_head.weight")  # tied: one tensor, two names
@@ -36,8 +37,16 @@ def gpt2_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2Con
 
 
 def build(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadModel:
-    """A freshly initialised GPT-2 (seed first: the weights come from torch's RNG)."""
-    return GPT2LMHeadModel(gpt2_config(cfg, tokenizer))
+    """A freshly initialised GPT-2 (seed first: the weights come from torch's RNG), or the
+    pretrained one `init_from` names, with LoRA adapters when `lora_r` > 0."""
+    if cfg.init_from == SCRATCH:
+        return GPT2LMHeadModel(gpt2_config(cfg, tokenizer))
+    model = GPT2LMHeadModel.from_pretrained(cfg.init_from, resid_pdrop=cfg.dropout,
+                                            embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout).float()
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"init_from={cfg.init_from!r}: its tokenizer has {len(tokenizer)} tokens, "
+                         f"its model {model.config.vocab_size} rows")
+    return lora.wrap(model, cfg) if cfg.lora_r else model
 
 
 def unpadded_vocab_size(model: GPT2LMHeadModel) -> int:
@@ -87,13 +96,22 @@ def parameter_counts(model: GPT2LMHeadModel) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters()) - padding_rows * model.config.n_embd
     embeddings = (model.transformer.wte.weight.numel() - padding_rows * model.config.n_embd
                   + model.transformer.wpe.weight.numel())
-    return {"total": total, "non_embedding": total - embeddings}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if model.transformer.wte.weight.requires_grad:
+        trainable -= padding_rows * model.config.n_embd
+    return {"total": total, "non_embedding": total - embeddings, "trainable": trainable}
 
 
 def describe(model: GPT2LMHeadModel) -> str:
     counts = parameter_counts(model)
     c = model.config
-    return (f"GPT-2: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, context "
-            f"{c.n_positions}, vocabulary {unpadded_vocab_size(model):,} (padded to {c.vocab_size:,} "
-            f"for the matmuls); {counts['total'] / 1e6:.2f}M "
+    vocabulary = f"{unpadded_vocab_size(model):,}"
+    if c.vocab_size != unpadded_vocab_size(model):
+        vocabulary += f" (padded to {c.vocab_size:,} for the matmuls)"
+    text = (f"GPT-2: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, context "
+            f"{c.n_positions}, vocabulary {vocabulary}; {counts['total'] / 1e6:.2f}M "
             f"parameters, {counts['non_embedding'] / 1e6:.2f}M outside the embeddings")
+    if counts["trainable"] != counts["total"]:
+        text += (f"; trainable: {counts['trainable']:,} ({100 * counts['trainable'] / counts['total']:.2f}%, "
+                 "the LoRA adapters)")
+    return text

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed, files, memory, stopping
+from . import checkpoint, distributed, files, generate, memory, report, stopping
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -139,7 +139,9 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
     budget = stopping.TimeBudget(t.time_budget_minutes, cfg.started_at,
                                  save_seconds=checkpoint.projected_bytes(model) / SAVE_BYTES_PER_SECOND)
     interrupt = stopping.InterruptFlag()
-    window, started, reason = _Window(state.tokens_seen), time.perf_counter(), StopReason.COMPLETED
+    reporter = report.open_reporter(cfg.report_to, run_dir, config) if device.is_main else report.Reporter()
+    ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, reporter, time.perf_counter(), steps)
+    window, reason = _Window(state.tokens_seen), StopReason.COMPLETED
     with interrupt.installed(), _progress_bar(steps, state.step, device, messages) as bar:
         while state.step < steps:
             interrupted, out_of_time = distributed.agree(bool(interrupt), budget.exhausted(), device=device)
@@ -158,21 +160,37 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
             _count_step(state, outcome, len(indices) * t.max_length, window)
             bar.set_postfix(_progress(state, outcome, window, device), refresh=False)
             bar.update()
+            reporter.scalars({"train/loss": outcome.loss, "train/grad_norm": outcome.grad_norm,
+                              "train/learning_rate": state.scheduler.get_last_lr()[0]}, state.step)
             if state.step % t.eval_steps == 0 or state.step == steps:
-                budget.eval_took(_evaluate_and_record(state, cfg, config, device, val_blocks, window, started, steps))
+                budget.eval_took(_evaluate_and_record(state, ctx, window))
             if state.step % t.save_steps == 0 or state.step == steps:
                 distributed.check_in_sync(state.model, state.step, device)
-                budget.save_took(_save_checkpoint(state, cfg, config, device))
+                budget.save_took(_save_checkpoint(state, ctx))
             if state.bad_streak >= t.max_bad_steps:
                 reason = StopReason.BAD_LOSS
                 break
             budget.step_done()
     last_recorded = state.history[-1]["step"] if state.history else None
     if reason is StopReason.TIME_BUDGET and last_recorded != state.step:  # the history ends where training did
-        _evaluate_and_record(state, cfg, config, device, val_blocks, window, started, steps)
+        _evaluate_and_record(state, ctx, window)
     if device.is_main:
-        _save_on_stop(reason, state, cfg, config, device)
-    return RunResult(state, reason, run_dir, time.perf_counter() - started, interrupt.signal_name, steps)
+        _save_on_stop(reason, state, ctx)
+    reporter.close()
+    return RunResult(state, reason, run_dir, time.perf_counter() - ctx.started, interrupt.signal_name, steps)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the loop's helpers share for a whole run."""
+    cfg: RunConfig
+    config: dict  # cfg as JSON, stored in every checkpoint
+    device: Device
+    val_blocks: np.ndarray  # the fixed validation subset
+    tokenizer: object  # for the samples at each evaluation
+    reporter: report.Reporter
+    started: float
+    total_steps: int
 
 
 def progress_bar(total: int, initial: int, disable: bool = False) -> tqdm:
@@ -195,20 +213,19 @@ def _count_step(state: TrainState, outcome: StepOutcome, tokens: int, window: "_
     state.bad_streak = state.bad_streak + 1 if outcome.bad_loss else 0
     if outcome.applied:
         window.losses.append(outcome.loss)
+        window.grad_norms.append(outcome.grad_norm)
     elif outcome.bad_loss:
         log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)",
                     state.step, outcome.loss, outcome.grad_norm, state.bad_streak)
 
 
-def _save_on_stop(reason: StopReason, state: TrainState, cfg: RunConfig, config: dict,
-                  device: Device) -> None:
+def _save_on_stop(reason: StopReason, state: TrainState, ctx: _Run) -> None:
     """A resumable checkpoint for every stop (RunResult.saved); an emergency one when something
     went wrong."""
     if reason in (StopReason.COMPLETED, StopReason.TIME_BUDGET):
-        _save_checkpoint(state, cfg, config, device)
-    elif reason is not StopReason.COMPLETED:
-        # Skipped steps changed no weights, so for a bad loss these are the last good ones.
-        checkpoint.save(cfg.output_dir / checkpoint.EMERGENCY, state.state_dict(config))
+        _save_checkpoint(state, ctx)
+    else:  # skipped steps changed no weights, so for a bad loss these are the last good ones
+        checkpoint.save(ctx.cfg.output_dir / checkpoint.EMERGENCY, state.state_dict(ctx.config))
 
 
 def _find_resume(cfg: RunConfig, config: dict) -> tuple[Path, dict] | None:
@@ -244,6 +261,7 @@ class _Window:
 
     def __init__(self, tokens_seen: int):
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []
         self.tokens, self.time = tokens_seen, time.perf_counter()
 
     def tokens_per_second(self, tokens_seen: int) -> float:
@@ -262,12 +280,11 @@ def _progress(state: TrainState, outcome: StepOutcome, window: _Window, device: 
     return shown
 
 
-def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device: Device,
-                         val_blocks: np.ndarray, window: _Window, started: float, total: int) -> float:
-    """Validation loss into the history (one record per evaluation); a new best is saved.
-    Returns the seconds it took."""
-    began = time.perf_counter()
-    state.val_loss = evaluate(state.model, val_blocks, device, cfg.train.batch_size)
+def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> float:
+    """Validation loss into the history (one record per evaluation, with samples of the prompts);
+    a new best is saved. Returns the seconds it took."""
+    began, cfg = time.perf_counter(), ctx.cfg
+    state.val_loss = evaluate(state.model, ctx.val_blocks, ctx.device, cfg.train.batch_size)
     state.train_loss = float(np.mean(window.losses)) if window.losses else math.nan
     recorded = sum(len(r.get("events", [])) for r in state.history)
     state.history.append({
@@ -275,33 +292,46 @@ def _evaluate_and_record(state: TrainState, cfg: RunConfig, config: dict, device
         "train_loss": state.train_loss, "val_loss": state.val_loss,
         "val_perplexity": perplexity(state.val_loss),
         "learning_rate": state.scheduler.get_last_lr()[0],
+        "grad_norm": float(np.mean(window.grad_norms)) if window.grad_norms else math.nan,
         "tokens_per_second": window.tokens_per_second(state.tokens_seen),
-        "elapsed_seconds": time.perf_counter() - started,
+        "elapsed_seconds": time.perf_counter() - ctx.started,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "batch_size": state.batch_size,
         "gradient_accumulation_steps": state.gradient_accumulation_steps,
         "skipped_steps": state.skipped_steps,
         "events": state.events[recorded:],  # OOM back-offs since the previous record
+        "samples": generate.samples(state.model, ctx.tokenizer, cfg.sampling) if ctx.device.is_main else [],
     })
     record = state.history[-1]
-    log.info("step %d/%d: train loss %.4f, val loss %.4f (perplexity %.1f), lr %.2e, %.0f tokens/s, "
-             "%.0f s", state.step, total, state.train_loss, state.val_loss, record["val_perplexity"],
-             record["learning_rate"], record["tokens_per_second"], record["elapsed_seconds"])
-    if device.is_main:  # every rank holds the same history and weights; one writes them
+    log.info("step %d/%d: train loss %.4f, val loss %.4f (perplexity %.1f), lr %.2e, grad norm %.2f, "
+             "%.0f tokens/s, %.0f s", state.step, ctx.total_steps, state.train_loss, state.val_loss,
+             record["val_perplexity"], record["learning_rate"], record["grad_norm"],
+             record["tokens_per_second"], record["elapsed_seconds"])
+    ctx.reporter.scalars(_evaluation_scalars(record, ctx.device), state.step)
+    if ctx.device.is_main:  # every rank holds the same history and weights; one writes them
         files.write_json(cfg.output_dir / "training_history.json", state.history)
     if state.val_loss < state.best_val_loss and weights_are_finite(state.model):
         state.best_val_loss = state.val_loss
-        if device.is_main:
-            checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(config))
+        if ctx.device.is_main:
+            checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(ctx.config))
     window.reset(state.tokens_seen)  # throughput counts training, not evaluation and its saves
     return time.perf_counter() - began
 
 
-def _save_checkpoint(state: TrainState, cfg: RunConfig, config: dict, device: Device) -> float:
+def _evaluation_scalars(record: dict, device: Device) -> dict[str, float]:
+    scalars = {"eval/loss": record["val_loss"], "eval/perplexity": record["val_perplexity"],
+               "train/tokens_per_second": record["tokens_per_second"]}
+    if device.is_cuda:
+        scalars["gpu/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return scalars
+
+
+def _save_checkpoint(state: TrainState, ctx: _Run) -> float:
     """Checkpoint this step (once, from rank 0), rotate, and drop the emergency checkpoint it
     supersedes."""
-    if not device.is_main:
+    if not ctx.device.is_main:
         return 0.0
+    cfg, config = ctx.cfg, ctx.config
     path = checkpoint.checkpoint_path(cfg.output_dir, state.epoch, state.step)
     if path.exists():
         return 0.0

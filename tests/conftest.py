@@ -56,3 +56,20 @@ def tiny_params(tmp_path: Path, **overrides) -> dict:
 @pytest.fixture
 def tiny_config(tmp_path, wikitext_file, tokenizer_dir) -> config.RunConfig:
     return config.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir)))
+
+
+@pytest.fixture(scope="session")
+def pretrained_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny GPT-2 saved in Hugging Face format with its tokenizer: the local stand-in for
+    init_from='gpt2' (a previous run's final_model has the same layout)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    directory = tmp_path_factory.mktemp("pretrained")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+                    ).save_pretrained(str(directory))
+    tok.save_pretrained(str(directory))
+    return directory

@@ -3,6 +3,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, pipeline
 
 from nblib import data, export, generate, hardware, model, plots, state, train
+from nblib.config import SamplingConfig
 
 
 def test_final_model_loads_in_a_pipeline_and_guide_snippet_works(tiny_config):
@@ -33,7 +34,7 @@ def test_final_model_loads_in_a_pipeline_and_guide_snippet_works(tiny_config):
 
     loaded, tok = generate.load(final)
     assert isinstance(loaded, GPT2LMHeadModel)
-    samples = generate.samples(loaded, tok, ["the old king"], max_new_tokens=5)
+    samples = generate.samples(loaded, tok, SamplingConfig(prompts=("the old king",), max_new_tokens=5))
     assert samples[0].startswith("the old king")
 
     plots.curves(result.history, out)
@@ -67,5 +68,5 @@ def test_samples_from_a_padded_training_model_never_use_padding_rows(tiny_config
         net.transformer.ln_f.weight.zero_()
         net.transformer.ln_f.bias.fill_(1.0)
         net.transformer.wte.weight[len(corpus.tokenizer):] = 5.0
-    text = generate.samples(net, corpus.tokenizer, ["the river"], max_new_tokens=6)[0]
+    text = generate.samples(net, corpus.tokenizer, SamplingConfig(prompts=("the river",), max_new_tokens=6))[0]
     assert text.startswith("the river") and len(text) > len("the river")
