@@ -36,8 +36,11 @@ def test_run_trains_evaluates_saves_and_rotates(tiny_config):
     assert history[-1]["val_loss"] < history[0]["val_loss"]
     assert all(math.isfinite(r["train_loss"]) for r in history)
     keys = {"epoch", "step", "tokens_seen", "train_loss", "val_loss", "val_perplexity",
-            "learning_rate", "tokens_per_second", "elapsed_seconds", "timestamp"}
+            "learning_rate", "grad_norm", "tokens_per_second", "elapsed_seconds", "timestamp", "samples"}
     assert all(keys <= set(r) for r in history)
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in history)
+    prompt, = tiny_config.sampling.prompts
+    assert all(len(r["samples"]) == 1 and r["samples"][0].startswith(prompt) for r in history)
     assert [p.name for _, p in checkpoint.list_checkpoints(out / "checkpoints")] == [
         "checkpoint_epoch0_step8.pt", "checkpoint_epoch0_step12.pt"]
     best = torch.load(out / "best_model.pt", weights_only=True)
