@@ -123,3 +123,13 @@ def test_interrupt_stops_every_rank_and_the_run_resumes_under_another_world_size
     resumed = final_state(tmp_path / "split")
     assert resumed["step"] == 60 and resumed["world_size"] == then
     assert_same_losses(resumed["step_losses"], reference["step_losses"])
+
+
+def test_a_failing_worker_raises_its_traceback_in_the_notebooks_process(tiny_config):
+    from nblib import data, hardware, model, train
+    corpus = data.prepare(tiny_config)
+    checkpoint.checkpoint_dir(tiny_config.output_dir).mkdir(parents=True)
+    (checkpoint.checkpoint_path(tiny_config.output_dir, 0, 4)).write_bytes(b"")  # resume '' refuses this
+    device = hardware.detect("fp32", devices=2)
+    with pytest.raises(mp.ProcessRaisedException, match=r"(?s)Traceback.*already holds checkpoints"):
+        train.run(tiny_config, device, model.build(tiny_config.model, corpus.tokenizer), corpus)
