@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import gc
 import inspect
 import logging
@@ -172,7 +173,9 @@ def _worker(rank: int, world_size: int, port: int, cfg, device: Device, model: t
         torch.cuda.set_device(rank)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("nccl" if device.is_cuda else "gloo", rank=rank, world_size=world_size)
+    # Rank 0 alone saves, evaluates samples and writes: the others may wait that long at a collective.
+    dist.init_process_group("nccl" if device.is_cuda else "gloo", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(minutes=30))
     try:
         device = dataclasses.replace(device, rank=rank, device=torch.device("cuda", rank) if device.is_cuda
                                      else device.device)

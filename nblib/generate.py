@@ -30,7 +30,7 @@ def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, sampling
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(sampling.seed)
         for prompt in sampling.prompts:
-            inputs = tokenizer(prompt, return_tensors="pt").to(device)
+            inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False).to(device)
             prompt_length = inputs["input_ids"].shape[1]
             if prompt_length >= context:
                 raise ValueError(f"prompt {prompt[:40]!r}... is {prompt_length} tokens; the model "

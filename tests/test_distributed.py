@@ -34,8 +34,8 @@ def test_notebook_with_two_processes_matches_one_process_with_the_same_global_ba
         (tmp_path / name).mkdir()
     two = execute(tmp_path / "two", output_dir=str(tmp_path / "two" / "run"), devices=2,
                   batch_size=4, gradient_accumulation_steps=1, **common)
-    one = execute(tmp_path / "one", output_dir=str(tmp_path / "one" / "run"), devices=1,
-                  batch_size=4, gradient_accumulation_steps=2, **common)
+    execute(tmp_path / "one", output_dir=str(tmp_path / "one" / "run"), devices=1,
+            batch_size=4, gradient_accumulation_steps=2, **common)
 
     assert "data-parallel over 2 CPU processes (gloo): global batch 4 x 1 x 2 = 8 blocks" in outputs_text(two)
     assert "step 12/12: train loss" in outputs_text(two)  # rank 0's log lines reach the notebook

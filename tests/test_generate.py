@@ -1,5 +1,6 @@
 """Generation parameters change the output as documented; the command line takes them too."""
 import pytest
+import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from nblib import generate
@@ -8,7 +9,11 @@ from nblib.config import SamplingConfig
 
 @pytest.fixture(scope="module")
 def pretrained(pretrained_dir):
-    return GPT2LMHeadModel.from_pretrained(str(pretrained_dir)), AutoTokenizer.from_pretrained(str(pretrained_dir))
+    """The tiny random GPT-2, made unlikely to end a sample at once (its end-of-text logit is 0)."""
+    model, tokenizer = GPT2LMHeadModel.from_pretrained(str(pretrained_dir)), AutoTokenizer.from_pretrained(str(pretrained_dir))
+    with torch.no_grad():
+        model.transformer.wte.weight[tokenizer.eos_token_id] = 0.0
+    return model, tokenizer
 
 
 def sample(pretrained, **settings) -> list[str]:
@@ -43,7 +48,6 @@ def test_repetition_penalty_changes_greedy_output(pretrained):
 
 
 def test_sampling_leaves_trainings_random_state_alone(pretrained):
-    import torch
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
