@@ -18,7 +18,6 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 REPORTERS = ("none", "tensorboard", "wandb")
 LORA_EXPORTS = ("merged", "adapter")
 SCRATCH = "scratch"
-MODEL_SHAPE = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 BUILTIN_DATASETS = ("builtin:python-docs",)
 GPT2_VOCAB_SIZE = 50257
 BPE_SPEC = re.compile(r"^bpe:(\d+)$")
@@ -166,15 +165,26 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
     ),
 }
 
-# Values no preset changes; "" and None in the notebook fall back to these.
-PARAMETER_DEFAULTS = dict(output_dir="", text_column="text", precision="auto", seed=42,
-                          resume_from_checkpoint="", dry_run=False, max_bad_steps=10, stride=None,
-                          drop_remainder=True, token_key="", torch_compile=False,
-                          devices="auto", init_from=SCRATCH, lora_r=0, lora_alpha=16.0,
-                          lora_dropout=0.05, lora_target_modules="c_attn", lora_export="merged",
-                          max_new_tokens=60, temperature=0.8, top_k=50, top_p=0.95,
-                          repetition_penalty=1.0, num_return_sequences=1, generation_seed=0,
-                          report_to="none", sample_from="")
+
+def _field_defaults(cls) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+# Values no preset changes ("" and None in the notebook fall back to these), taken from the
+# dataclasses' own defaults where they have one.
+_SAMPLING_DEFAULTS = _field_defaults(SamplingConfig)
+_MODEL_DEFAULTS = _field_defaults(ModelConfig)
+_RUN_DEFAULTS = _field_defaults(RunConfig)
+PARAMETER_DEFAULTS = {
+    "output_dir": "", "text_column": "text", "precision": "auto", "seed": 42,
+    "resume_from_checkpoint": "", "dry_run": False, "max_bad_steps": 10, "stride": None,
+    "drop_remainder": True, "token_key": "", "torch_compile": False,
+    **{k: _RUN_DEFAULTS[k] for k in ("devices", "report_to", "lora_export", "sample_from")},
+    **{k: v for k, v in _MODEL_DEFAULTS.items() if k.startswith("lora_") or k == "init_from"},
+    "lora_target_modules": ",".join(_MODEL_DEFAULTS["lora_target_modules"]),  # a comma-separated string
+    **{k: v for k, v in _SAMPLING_DEFAULTS.items() if k != "seed"},
+    "generation_seed": _SAMPLING_DEFAULTS["seed"],
+}
 
 PARAMETERS = (
     "preset", "output_dir", "dataset", "dataset_config", "text_column", "tokenizer", "stride",
@@ -230,10 +240,7 @@ def _build(preset: str, v: dict[str, Any]) -> RunConfig:
     return RunConfig(
         preset=preset, output_dir=output_dir, data=pick(DataConfig),
         model=pick(ModelConfig, lora_target_modules=targets), train=pick(TrainConfig),
-        sampling=SamplingConfig(prompts=prompts, max_new_tokens=v["max_new_tokens"],
-                                temperature=v["temperature"], top_k=v["top_k"], top_p=v["top_p"],
-                                repetition_penalty=v["repetition_penalty"],
-                                num_return_sequences=v["num_return_sequences"], seed=v["generation_seed"]),
+        sampling=pick(SamplingConfig, prompts=prompts, seed=v["generation_seed"]),
         resume_from_checkpoint=str(v["resume_from_checkpoint"]), dry_run=v["dry_run"],
         devices=v["devices"], report_to=v["report_to"], lora_export=v["lora_export"],
         sample_from=str(v["sample_from"]),

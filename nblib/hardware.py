@@ -56,9 +56,7 @@ class Device:
         else:
             where = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
         features = ", ".join(self.cpu_features) or "none"
-        processes = (f"; data-parallel over {self.world_size} processes ({'NCCL' if self.is_cuda else 'gloo'})"
-                     if self.world_size > 1 else "")
-        return (f"{where}; CPU features: {features}; precision {self.precision}{processes}; "
+        return (f"{where}; CPU features: {features}; precision {self.precision}; "
                 f"torch {torch.__version__}")
 
 

@@ -36,6 +36,16 @@ def test_parameters_override_the_preset_and_extra_names_are_ignored(tmp_path):
     ({"n_layer": 2.5}, r"n_layer=2.5: must be an integer"),
     ({"learning_rate": "fast"}, r"learning_rate='fast': must be a number"),
     ({"dry_run": "yes"}, r"dry_run='yes': must be True or False"),
+    ({"devices": 0}, r"devices=0: must be 'auto' \(every GPU\) or a number of processes >= 1"),
+    ({"devices": "all"}, r"devices='all': must be 'auto'"),
+    ({"temperature": 0.0}, r"temperature=0.0: must be > 0"),
+    ({"top_p": 1.5}, r"top_p=1.5: must be in \(0, 1\]"),
+    ({"top_k": -1}, r"top_k=-1: must be >= 0"),
+    ({"num_return_sequences": 0}, r"num_return_sequences=0: must be > 0"),
+    ({"prompts": ["ok", 3]}, r"prompts=\['ok', 3\]: must be a list of strings"),
+    ({"report_to": "mlflow"}, r"report_to='mlflow': must be one of none, tensorboard, wandb"),
+    ({"lora_export": "both"}, r"lora_export='both': must be one of merged, adapter"),
+    ({"sample_from": "/no/model"}, r"sample_from='/no/model': no such directory or checkpoint"),
 ])
 def test_each_rule_names_parameter_value_and_what_is_allowed(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
@@ -65,3 +75,9 @@ def test_hub_ids_and_local_paths_are_told_apart():
 def test_to_dict_is_plain_json(tmp_path):
     d = config.resolve(tiny_params(tmp_path)).to_dict()
     assert d["model"]["n_embd"] == 32 and isinstance(d["output_dir"], str)
+
+
+def test_one_prompt_as_a_string_and_sampling_settings_resolve(tmp_path):
+    cfg = config.resolve(tiny_params(tmp_path, prompts="Once upon", temperature=1.2, generation_seed=7))
+    assert cfg.sampling.prompts == ("Once upon",) and cfg.sampling.temperature == 1.2
+    assert cfg.sampling.seed == 7 and cfg.train.seed == 42  # the training seed stays apart

@@ -43,3 +43,25 @@ def test_the_gpu_preset_on_a_cpu_warns_with_an_estimate(tmp_path):
     assert "meant for a GPU" in warning and "360M training tokens would take about 167 hours" in warning
     assert "preset='cpu-demo'" in warning
     assert hardware.cpu_warning(config.resolve({"preset": "smoke", "output_dir": str(tmp_path)}), cpu) == ""
+
+
+class FakeT4:
+    name, major, minor, total_memory = "Tesla T4", 7, 5, 15 * 2**30
+
+
+@pytest.mark.parametrize("devices, world_size", [("auto", 2), (1, 1), (2, 2)])
+def test_devices_auto_takes_every_gpu_and_a_count_is_checked(monkeypatch, devices, world_size):
+    """Kaggle's GPU T4 x2, as torch.cuda would describe it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: FakeT4)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80"])
+    device = hardware.detect("auto", devices)
+    assert device.world_size == world_size and device.precision == "fp16" and device.is_main
+    with pytest.raises(ValueError, match=r"devices=3: this machine has 2 GPU\(s\).*GPU T4 x2"):
+        hardware.detect("auto", 3)
+
+
+def test_on_a_cpu_devices_counts_gloo_processes():
+    assert hardware.detect("fp32").world_size == 1
+    assert hardware.detect("fp32", devices=2).world_size == 2
