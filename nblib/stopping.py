@@ -14,17 +14,22 @@ log = logging.getLogger(__name__)
 class InterruptFlag:
     """Turns SIGINT (Jupyter's interrupt button) and SIGTERM into a flag the loop checks between
     optimizer steps, so the emergency checkpoint is never taken mid-step. A second SIGINT raises
-    KeyboardInterrupt at once, for a user who really means it."""
+    KeyboardInterrupt at once, for a user who really means it; not in a data-parallel worker
+    (`escalate=False`), which may get the interrupt both from the terminal's process group and
+    from the notebook's process and must still stop cleanly with the other ranks."""
 
-    def __init__(self) -> None:
+    def __init__(self, escalate: bool = True) -> None:
         self.signal_name: str | None = None
+        self.escalate = escalate
 
     def __bool__(self) -> bool:
         return self.signal_name is not None
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signal_name and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.signal_name:
+            if signum == signal.SIGINT and self.escalate:
+                raise KeyboardInterrupt
+            return
         self.signal_name = signal.Signals(signum).name
         log.warning("%s received: stopping after the current optimizer step", self.signal_name)
 

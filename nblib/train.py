@@ -138,7 +138,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
 
     budget = stopping.TimeBudget(t.time_budget_minutes, cfg.started_at,
                                  save_seconds=checkpoint.projected_bytes(model) / SAVE_BYTES_PER_SECOND)
-    interrupt = stopping.InterruptFlag()
+    interrupt = stopping.InterruptFlag(escalate=not distributed.in_worker())
     reporter = report.open_reporter(cfg.report_to, run_dir, config) if device.is_main else report.Reporter()
     ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, reporter, time.perf_counter(), steps)
     window, reason = _Window(state.tokens_seen), StopReason.COMPLETED

@@ -1,5 +1,6 @@
 """Data-parallel training with 2 gloo processes on the CPU: through the notebook, across
 interrupts and across world sizes."""
+import importlib.util
 import json
 import os
 import signal
@@ -133,3 +134,18 @@ def test_a_failing_worker_raises_its_traceback_in_the_notebooks_process(tiny_con
     device = hardware.detect("fp32", devices=2)
     with pytest.raises(mp.ProcessRaisedException, match=r"(?s)Traceback.*already holds checkpoints"):
         train.run(tiny_config, device, model.build(tiny_config.model, corpus.tokenizer), corpus)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is optional and not installed")
+def test_lora_fine_tune_in_two_processes(tmp_path, pretrained_dir, wikitext_file):
+    """The fine-tune example's shape on GPU T4 x2: DDP over a model whose base weights are frozen."""
+    from nblib import config, data, hardware, model, train
+    cfg = config.resolve(dict(preset="smoke", output_dir=str(tmp_path / "run"), init_from=str(pretrained_dir),
+                              dataset=str(wikitext_file), max_length=32, batch_size=4,
+                              gradient_accumulation_steps=1, max_steps=6, eval_steps=3, save_steps=1,
+                              lora_r=4, devices=2, precision="fp32"))
+    corpus = data.prepare(cfg)
+    result = train.run(cfg, hardware.detect("fp32", cfg.devices), model.build(cfg.model, corpus.tokenizer), corpus)
+    assert result.stop_reason is train.StopReason.COMPLETED and result.state.step == 6
+    saved = final_state(cfg.output_dir)
+    assert saved["world_size"] == 2 and any("lora_B" in key for key in saved["model_state_dict"])

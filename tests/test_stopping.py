@@ -24,3 +24,11 @@ def test_sigterm_sets_the_flag_and_a_second_sigint_raises():
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_data_parallel_worker_never_escalates_a_repeated_signal():
+    flag = stopping.InterruptFlag(escalate=False)
+    with flag.installed():
+        signal.raise_signal(signal.SIGTERM)  # forwarded by the notebook's process
+        signal.raise_signal(signal.SIGINT)  # and the interrupt button's, through the process group
+        assert flag.signal_name == "SIGTERM"
