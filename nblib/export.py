@@ -4,9 +4,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from . import checkpoint, files, lora
+from . import checkpoint, files, generate, lora
 from . import model as model_weights
 from .config import SamplingConfig
 from .step import weights_are_finite
@@ -44,7 +44,7 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
         exported = lora.merged(model) if lora_export == "merged" else model
     else:
         exported = model_weights.unpadded(model)  # the tokenizer's vocabulary, not the padded rows
-    generation = generation_config(sampling or SamplingConfig(prompts=()), tokenizer, model.config)
+    generation = generate.generation_config(sampling or SamplingConfig(prompts=()), tokenizer, model.config)
 
     def fill(directory: Path) -> None:
         exported.save_pretrained(str(directory))
@@ -54,14 +54,6 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
     path = files.atomic_directory(Path(run_dir) / FINAL_MODEL, fill)
     log.info("exported %s%s", path, " (LoRA adapter only)" if exported is model and lora.is_lora(model) else "")
     return path
-
-
-def generation_config(sampling: SamplingConfig, tokenizer: PreTrainedTokenizerFast, config) -> GenerationConfig:
-    return GenerationConfig(
-        do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-        repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_new_tokens,
-        bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id)
 
 
 def summary(run_dir: Path) -> str:

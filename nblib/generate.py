@@ -9,7 +9,8 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
+                          PreTrainedTokenizerFast)
 
 from . import checkpoint
 from . import model as model_lib
@@ -26,6 +27,7 @@ def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, sampling
     device = next(model.parameters()).device
     context = model.config.n_positions
     padding = list(range(len(tokenizer), model.config.vocab_size))  # a training model's padded rows
+    settings = generation_config(sampling, tokenizer, model.config)
     texts = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(sampling.seed)
@@ -37,14 +39,21 @@ def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, sampling
                                  f"sees at most n_positions={context}")
             # Past n_positions the position embedding has no row: stop at the context's end.
             output = model.generate(
-                **inputs, max_new_tokens=min(sampling.max_new_tokens, context - prompt_length),
-                do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
-                top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
-                num_return_sequences=sampling.num_return_sequences,
-                pad_token_id=tokenizer.eos_token_id, suppress_tokens=padding or None)
+                **inputs, generation_config=settings, num_return_sequences=sampling.num_return_sequences,
+                max_new_tokens=min(sampling.max_new_tokens, context - prompt_length),
+                suppress_tokens=padding or None)
             texts += tokenizer.batch_decode(output, skip_special_tokens=True)
     model.train(was_training)
     return texts
+
+
+def generation_config(sampling: SamplingConfig, tokenizer: PreTrainedTokenizerFast, config) -> GenerationConfig:
+    """`sampling` as transformers' GenerationConfig: what samples() uses and final_model keeps."""
+    return GenerationConfig(
+        do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+        repetition_penalty=sampling.repetition_penalty, max_new_tokens=sampling.max_new_tokens,
+        bos_token_id=config.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id)
 
 
 def load(path: Path, tokenizer: PreTrainedTokenizerFast | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

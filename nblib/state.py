@@ -71,14 +71,19 @@ class TrainState:
                      "val_loss", "batch_size", "gradient_accumulation_steps"):
             setattr(self, name, checkpoint[name])
         self.world_size = checkpoint.get("world_size", 1)
-        self.global_batch = checkpoint.get(
-            "global_batch", self.batch_size * self.gradient_accumulation_steps * self.world_size)
+        self.global_batch = global_batch_of(checkpoint)
         self.history = list(checkpoint["history"])
         self.step_losses = list(checkpoint.get("step_losses", []))
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self.bad_streak = checkpoint.get("bad_streak", 0)
         self.events = list(checkpoint.get("events", []))
         restore_rng(checkpoint["rng_state"])
+
+
+def global_batch_of(checkpoint: dict[str, Any]) -> int:
+    """Blocks per optimizer step over all processes (older, one-process checkpoints lack it)."""
+    return checkpoint.get("global_batch",
+                          checkpoint["batch_size"] * checkpoint["gradient_accumulation_steps"])
 
 
 def capture_rng() -> dict[str, Any]:

@@ -106,7 +106,7 @@ def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device) 
         for micro in np.array_split(blocks, state.gradient_accumulation_steps):
             inputs, targets = to_batch(micro, device)
             loss = loss_of(forward, inputs, targets, device) * (len(micro) / len(blocks))
-            (state.scaler.scale(loss) if state.scaler else loss).backward()
+            _backward(state, loss)
             loss_sum += loss.detach()
     return loss_sum
 
@@ -119,8 +119,11 @@ def synchronize_gradients(state: TrainState, blocks: np.ndarray, device: Device)
     if state.ddp is None:
         return
     inputs, targets = to_batch(blocks[:1, :2], device)
-    loss = loss_of(state.forward_module, inputs, targets, device) * 0.0
-    (state.scaler.scale(loss) if state.scaler else loss).backward()
+    _backward(state, loss_of(state.forward_module, inputs, targets, device) * 0.0)
+
+
+def _backward(state: TrainState, loss: torch.Tensor) -> None:
+    (state.scaler.scale(loss) if state.scaler else loss).backward()  # fp16 scales the loss first
 
 
 def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_grad_norm: float) -> StepOutcome:

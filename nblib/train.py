@@ -18,7 +18,7 @@ from . import checkpoint, distributed, files, generate, memory, report, stopping
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
-from .state import TrainState
+from .state import TrainState, global_batch_of
 from .step import StepOutcome, evaluate, new_state, optimizer_step, perplexity, weights_are_finite
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
     val_blocks = corpus.blocks("validation")[: t.batch_size * t.eval_batches]  # a fixed subset
     config = cfg.to_dict()
     resumed = _find_resume(cfg, config)
-    global_batch = resumed[1].get("global_batch", t.effective_batch) if resumed else t.effective_batch * device.world_size
+    global_batch = global_batch_of(resumed[1]) if resumed else t.effective_batch * device.world_size
     steps = total_steps(cfg, len(train_blocks), global_batch)
     state = new_state(cfg, device, model, steps)
     if resumed:

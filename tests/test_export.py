@@ -6,7 +6,7 @@ from nblib import data, export, generate, hardware, model, plots, state, train
 from nblib.config import SamplingConfig
 
 
-def test_final_model_loads_in_a_pipeline_and_guide_snippet_works(tiny_config):
+def test_final_model_loads_in_a_pipeline_and_guide_snippet_works(tiny_config, capsys):
     state.seed_everything(0)
     corpus = data.prepare(tiny_config)
     net = model.build(tiny_config.model, corpus.tokenizer)
@@ -36,6 +36,13 @@ def test_final_model_loads_in_a_pipeline_and_guide_snippet_works(tiny_config):
     assert isinstance(loaded, GPT2LMHeadModel)
     samples = generate.samples(loaded, tok, SamplingConfig(prompts=("the old king",), max_new_tokens=5))
     assert samples[0].startswith("the old king")
+
+    # A checkpoint .pt samples too, with the run's tokenizer (sample_from, --tokenizer).
+    from_checkpoint, _ = generate.load(out / "best_model.pt", corpus.tokenizer)
+    assert torch.equal(from_checkpoint.transformer.h[0].mlp.c_fc.weight, net.transformer.h[0].mlp.c_fc.weight)
+    generate.main(["--model", str(out / "best_model.pt"), "--tokenizer", str(final), "--prompt", "the city",
+                   "--max-new-tokens", "3"])
+    assert capsys.readouterr().out.startswith("the city")
 
     plots.curves(result.history, out)
     assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
