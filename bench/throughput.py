@@ -138,7 +138,7 @@ def main() -> None:
     for precision in ("fp32", "auto"):
         params = {**SIZES[args.size], "precision": precision, "output_dir": tempfile.mkdtemp(),
                   "max_steps": args.warmup + args.steps, "warmup_steps": 2, "eval_steps": args.warmup,
-                  "save_steps": 10_000, "eval_batches": 1, "resume_from_checkpoint": ""}
+                  "save_steps": 10_000, "eval_blocks": 8, "resume_from_checkpoint": ""}
         cfg = config.resolve(params)
         vocab = cfg.model.vocab_size or 512
         corpus = make_corpus(cfg, vocab, blocks=(args.warmup + args.steps + 1) * cfg.train.effective_batch)

@@ -6,8 +6,8 @@ nblib.generate` and `python -m nblib.job` run without importing the rest.
 """
 import importlib
 
-__all__ = ["checkpoint", "config", "data", "distributed", "export", "files", "generate", "hardware", "job", "lora", "memory",
-           "model", "paths", "plots", "report", "sources", "state", "step", "stopping", "tokenizer", "train"]
+__all__ = ["checkpoint", "config", "contract", "data", "distributed", "export", "files", "generate", "hardware", "job",
+           "lock", "lora", "memory", "model", "paths", "plots", "report", "sources", "state", "step", "stopping", "tokenizer", "train"]
 
 
 def __getattr__(name: str):

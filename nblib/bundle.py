@@ -1,7 +1,6 @@
 """A dataset bundle: the tokens prepared once, uploaded as a Kaggle dataset, reused every session."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -35,7 +34,7 @@ def write(cache_dir: Path, cfg: RunConfig, out: Path, dataset_id: str) -> Path:
     files.write_json(out / MANIFEST, {
         "tokenizer": cfg.data.tokenizer, "max_length": cfg.train.max_length,
         "dataset": cfg.data.dataset, "dataset_config": cfg.data.dataset_config,
-        "files": {str(p.relative_to(out)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in listed},
+        "files": {str(p.relative_to(out)): {"size": p.stat().st_size, "sha256": files.sha256(p)} for p in listed},
         "missing": [name for name in EXPECTED if not (out / name).is_file()],
     })
     return out
@@ -53,7 +52,7 @@ def verify(directory: Path, cfg: RunConfig) -> None:
         path = directory / name
         if not path.is_file():
             problems.append(f"{name}: missing")
-        elif path.stat().st_size != expected["size"] or sha256(path) != expected["sha256"]:
+        elif path.stat().st_size != expected["size"] or files.sha256(path) != expected["sha256"]:
             problems.append(f"{name}: its checksum does not match the manifest (altered or truncated)")
     tokenizer = cfg.data.tokenizer
     if manifest["tokenizer"] != tokenizer:
@@ -63,11 +62,3 @@ def verify(directory: Path, cfg: RunConfig) -> None:
     if problems:
         raise ValueError(f"dataset={str(directory)!r} is a bundle this run cannot use:\n  - "
                          + "\n  - ".join(problems))
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -20,12 +20,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = re.compile(r"^checkpoint_epoch(\d+)_step(\d+)\.pt$")
 BEST_MODEL = "best_model.pt"
 EMERGENCY = "emergency_checkpoint.pt"
-# Config keys whose change makes a checkpoint's weights or tokens meaningless for this run.
-MUST_MATCH = {"model": ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
-                       "lora_r", "lora_target_modules"),
-              "data": ("tokenizer",)}
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, unsafe or from another configuration."""
 
@@ -174,18 +168,6 @@ def load(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_compatible(checkpoint: dict[str, Any], config: dict[str, Any], path: Path) -> None:
-    """Refuse a checkpoint made for another model shape or tokenizer, naming what differs."""
-    saved = checkpoint.get("config", {})
-    differences = [
-        f"{section}.{key}: checkpoint {saved[section].get(key)!r}, run {config[section].get(key)!r}"
-        for section, keys in MUST_MATCH.items() for key in keys
-        if section in saved and saved[section].get(key) != config[section].get(key)]
-    if differences:
-        raise CheckpointError(f"{path} was made by a different configuration:\n  "
-                              + "\n  ".join(differences))
-
-
 def candidates(run_dir: Path) -> list[tuple[Path, dict[str, Any] | None]]:
     """Resume candidates, newest step first: this run's checkpoints, its emergency checkpoint,
     and those of earlier sessions attached under /kaggle/input. An emergency checkpoint's step
@@ -224,7 +206,6 @@ def find_resume(run_dir: Path, resume_from_checkpoint: str) -> tuple[Path, dict[
         except CheckpointError as error:
             log.warning("skipping %s", error)
             continue
-        log.info("resuming from %s (step %d)", path, checkpoint["step"])
         return path, checkpoint
     return None
 

@@ -1,7 +1,9 @@
 """One typed run configuration: preset + notebook parameters, validated before any heavy work."""
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
 import glob
 import importlib.util
 import json
@@ -69,7 +71,7 @@ class TrainConfig:
     time_budget_minutes: float  # stop, save and export before this; 0: no budget
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     torch_compile: bool = False  # torch.compile the forward pass (CUDA >= 7.0; gains nothing on CPU)
-    eval_batches: int = 50  # validation batches per evaluation (a fixed subset)
+    eval_blocks: int = 400  # validation blocks per evaluation: the same first blocks every time
 
     @property
     def effective_batch(self) -> int:
@@ -141,7 +143,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         vocab_size=GPT2_VOCAB_SIZE, n_positions=512, n_embd=256, n_layer=8, n_head=8, n_inner=1024,
         dropout=0.0, batch_size=8, gradient_accumulation_steps=8, learning_rate=5e-4, weight_decay=0.01,
         max_grad_norm=1.0, epochs=3, max_steps=0, warmup_steps=500, max_length=512,
-        save_steps=1000, eval_steps=500, max_checkpoints=4, eval_batches=100,
+        save_steps=1000, eval_steps=500, max_checkpoints=4, eval_blocks=800,
         time_budget_minutes=660,  # 11 h: Kaggle kills GPU sessions at 12 h
         prompts=("The history of", "In 1998 , the"),
     ),
@@ -151,7 +153,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         vocab_size=None, n_positions=256, n_embd=256, n_layer=4, n_head=4, n_inner=1024,
         dropout=0.1, batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-3, weight_decay=0.1,
         max_grad_norm=1.0, epochs=1, max_steps=900, warmup_steps=50, max_length=128,
-        save_steps=200, eval_steps=100, max_checkpoints=4, eval_batches=20, time_budget_minutes=0,
+        save_steps=200, eval_steps=100, max_checkpoints=4, eval_blocks=160, time_budget_minutes=0,
         prompts=("Return the", "The default value", "This module provides"),
     ),
     # Seconds, for CI: a tiny model on a tiny tokenizer, a few dozen steps.
@@ -160,7 +162,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         vocab_size=None, n_positions=64, n_embd=64, n_layer=2, n_head=2, n_inner=256,
         dropout=0.0, batch_size=8, gradient_accumulation_steps=2, learning_rate=3e-3, weight_decay=0.01,
         max_grad_norm=1.0, epochs=1, max_steps=40, warmup_steps=5, max_length=64,
-        save_steps=10, eval_steps=10, max_checkpoints=2, eval_batches=4, time_budget_minutes=0,
+        save_steps=10, eval_steps=10, max_checkpoints=2, eval_blocks=32, time_budget_minutes=0,
         prompts=("Return the",),
     ),
 }
@@ -192,7 +194,7 @@ PARAMETERS = (
     "init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_export",
     "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "dropout",
     "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm",
-    "epochs", "max_steps", "warmup_steps", "max_length", "save_steps", "eval_steps",
+    "epochs", "max_steps", "warmup_steps", "max_length", "save_steps", "eval_steps", "eval_blocks",
     "max_checkpoints", "time_budget_minutes", "max_bad_steps", "torch_compile", "resume_from_checkpoint",
     "precision", "devices", "seed", "report_to", "dry_run",
     "prompts", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
@@ -204,12 +206,17 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
     """Build the validated RunConfig from the notebook's parameters.
 
     Args:
-        params: the parameters cell's names and values (extra names, such as the rest of a
-            notebook's `globals()`, are ignored). `None` or `""` means "the preset's value".
+        params: the parameters by name: a plain mapping (a job file), or a notebook's
+            `globals()`, whose other names (a user's own `x = 3`) are ignored, except those
+            papermill injected. `None` or `""` means "the preset's value".
 
     Raises:
-        ValueError: naming every offending parameter, its value and what is allowed.
+        ValueError: naming every offending parameter, its value and what is allowed; a name
+            that is no parameter (a misspelling) is one of them.
     """
+    unknown = [_unknown(name) for name in sorted(passed_names(params) - set(PARAMETERS))]
+    if unknown:
+        raise ValueError(_format(unknown))
     given = {k: params[k] for k in PARAMETERS if k in params}
     preset = given.get("preset") or "kaggle-t4"
     if preset not in PRESETS:
@@ -227,6 +234,30 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
     if problems:
         raise ValueError(_format(problems))
     return cfg
+
+
+def passed_names(params: Mapping[str, Any]) -> set[str]:
+    """The names a user passed as parameters: every key of a plain mapping; in a notebook's
+    namespace, those papermill assigned in the cell it injects (`# Parameters`, found in
+    IPython's input history `In`), for papermill only logs an unknown name and runs on."""
+    if "__name__" not in params:  # not a module's or kernel's namespace
+        return set(params)
+    names = set()
+    for source in params.get("In") or []:
+        if isinstance(source, str) and source.startswith("# Parameters\n"):
+            try:
+                tree = ast.parse(source)
+            except SyntaxError:
+                continue
+            names |= {target.id for node in tree.body if isinstance(node, ast.Assign)
+                      for target in node.targets if isinstance(target, ast.Name)}
+    return names
+
+
+def _unknown(name: str) -> str:
+    close = difflib.get_close_matches(name, PARAMETERS, n=1)
+    return f"unknown parameter {name}" + (f"; did you mean {close[0]}?" if close else
+                                          " (the parameters are listed in the README)")
 
 
 def _build(preset: str, v: dict[str, Any]) -> RunConfig:
@@ -249,7 +280,7 @@ def _build(preset: str, v: dict[str, Any]) -> RunConfig:
 
 _INTS = ("n_positions", "n_embd", "n_layer", "n_head", "n_inner", "batch_size",
          "gradient_accumulation_steps", "epochs", "max_steps", "warmup_steps", "max_length",
-         "save_steps", "eval_steps", "max_checkpoints", "max_bad_steps", "seed", "lora_r",
+         "save_steps", "eval_steps", "eval_blocks", "max_checkpoints", "max_bad_steps", "seed", "lora_r",
          "max_new_tokens", "top_k", "num_return_sequences", "generation_seed")
 _FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "dropout", "time_budget_minutes",
            "lora_alpha", "lora_dropout", "temperature", "top_p", "repetition_penalty")
@@ -295,7 +326,7 @@ def validate(cfg: RunConfig) -> list[str]:
                     n_head=m.n_head, n_inner=m.n_inner, batch_size=t.batch_size,
                     gradient_accumulation_steps=t.gradient_accumulation_steps,
                     epochs=t.epochs, max_length=t.max_length, save_steps=t.save_steps,
-                    eval_steps=t.eval_steps, max_checkpoints=t.max_checkpoints,
+                    eval_steps=t.eval_steps, eval_blocks=t.eval_blocks, max_checkpoints=t.max_checkpoints,
                     max_bad_steps=t.max_bad_steps,
                     learning_rate=t.learning_rate, max_grad_norm=t.max_grad_norm)
     problems += [f"{k}={v!r}: must be > 0" for k, v in positive.items() if v <= 0]
@@ -317,7 +348,10 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.report_to not in REPORTERS:
         problems.append(f"report_to={cfg.report_to!r}: must be one of {', '.join(REPORTERS)}")
     problems += _validate_lora(cfg)
-    if m.init_from == SCRATCH or d.tokenizer != m.init_from:  # a pretrained model's own is checked on load
+    damaged = _damaged_tokenizer(d.tokenizer)
+    if damaged:
+        problems += damaged
+    elif m.init_from == SCRATCH or d.tokenizer != m.init_from:  # a pretrained model's own is checked on load
         problems += _validate_tokenizer(d.tokenizer, m.vocab_size)
     problems += _validate_dataset(d.dataset)
     if cfg.sample_from and not Path(cfg.sample_from).exists():
@@ -399,6 +433,19 @@ def tokenizer_vocab_size(spec: str) -> int | None:
     from transformers import AutoTokenizer  # local directory only: no network
 
     return len(AutoTokenizer.from_pretrained(spec))
+
+
+def _damaged_tokenizer(spec: str) -> list[str]:
+    """A saved tokenizer whose tokenizer.json does not parse (a truncated upload or copy)."""
+    path = Path(spec) / "tokenizer.json"
+    if not path.is_file():
+        return []
+    try:
+        json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as error:
+        return [f"tokenizer={spec!r}: {path} is damaged or truncated ({error}); save the tokenizer "
+                "again with tokenizer.save_pretrained, or use 'bpe:<vocab size>'"]
+    return []
 
 
 def _validate_tokenizer(spec: str, vocab_size: int | None) -> list[str]:

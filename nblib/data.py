@@ -5,7 +5,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the cached format or the text rules change
 ROWS_PER_PROCESS = 50_000  # below this, worker processes cost more than they save
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Corpus:
     max_length: int
     stride: int | None = None  # tokens between window starts; None: max_length + 1 (disjoint)
     drop_remainder: bool = True  # False: one last window ends at the stream's end
+    digests: dict[str, str] = field(default_factory=dict)  # split -> sha256 of its token file
 
     @property
     def block_size(self) -> int:
@@ -62,6 +65,21 @@ class Corpus:
         if not self.drop_remainder and len(flat) >= size and starts[-1] + size < len(flat):
             starts = np.append(starts, len(flat) - size)
         return Blocks(flat, starts, size)
+
+    def check_blocks(self, dataset: str) -> None:
+        """Refuse a split too short for one block, before any training (an empty validation split
+        would measure a loss of 0 and make its weights the best).
+
+        Raises:
+            ValueError: naming the split, the tokens it has and the tokens one block needs.
+        """
+        short = [f"the {split} split holds {len(tokens):,} tokens, fewer than the "
+                 f"{self.block_size:,} one block needs (max_length + 1)"
+                 for split, tokens in self.tokens.items() if len(self.blocks(split)) == 0]
+        if short:
+            raise ValueError(f"dataset={dataset!r}: " + "; ".join(short) + ". Add text to it, lower "
+                             "max_length, or (for a held-out file of your own) leave it out so that "
+                             "5% of the training documents are held out instead")
 
     def describe(self) -> str:
         counts = ", ".join(f"{s} {len(t):,} tokens / {len(self.blocks(s)):,} blocks"
@@ -80,25 +98,32 @@ def prepare(cfg: RunConfig) -> Corpus:
     if bundle.is_bundle(cfg.data.dataset):
         bundle.verify(Path(cfg.data.dataset), cfg)
         log.info("using the prepared bundle %s: no tokenization", cfg.data.dataset)
-        return open_cache(Path(cfg.data.dataset), cfg)
+        corpus = open_cache(Path(cfg.data.dataset), cfg)
+    else:
+        corpus = open_cache(_cached_or_built(cfg), cfg)
+    corpus.check_blocks(cfg.data.dataset)
+    return corpus
+
+
+def _cached_or_built(cfg: RunConfig) -> Path:
     own = cfg.output_dir / "data_cache" / cache_key(cfg)
     files.remove_temporaries(own.parent)
     # An earlier Kaggle session's output, attached as input, brings its cache along (read-only).
     found = [d for d in [own, *paths.find_in_inputs(f"data_cache/{own.name}")] if files.is_complete(d)]
     if found:
         log.info("reusing tokenized data in %s", found[0])
-        return open_cache(found[0], cfg)
-    files.atomic_directory(own, lambda tmp: build_cache(cfg, tmp))
-    return open_cache(own, cfg)
+        return found[0]
+    sources.check_files(cfg.data)  # an empty or non-UTF-8 file is named before any heavy work
+    return files.atomic_directory(own, lambda tmp: build_cache(cfg, tmp))
 
 
 def cache_key(cfg: RunConfig) -> str:
     d = cfg.data
     identity = dict(version=CACHE_VERSION, source=sources.fingerprint(d), column=d.text_column,
                     tokenizer=d.tokenizer, seed=cfg.train.seed, token_key=d.token_key)
-    if Path(d.tokenizer).is_dir():
-        identity["tokenizer"] = hashlib.sha256(
-            (Path(d.tokenizer) / "tokenizer.json").read_bytes()).hexdigest()
+    if Path(d.tokenizer).is_dir():  # a saved tokenizer: what its files hold, not its path
+        identity["tokenizer"] = sorted((p.name, files.sha256(p)) for p in Path(d.tokenizer).iterdir()
+                                       if p.name in TOKENIZER_FILES)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return digest[:16]
 
@@ -127,6 +152,7 @@ def build_cache(cfg: RunConfig, directory: Path) -> None:
         raise ValueError(f"dataset={cfg.data.dataset!r}: the {', '.join(empty)} split holds no tokens")
     tokenizer.save_pretrained(str(directory / "tokenizer"))
     meta = dict(dtype=np.dtype(dtype).name, tokens=counts, vocab_size=len(tokenizer),
+                sha256={name: files.sha256(directory / f"{name}.bin") for name in counts},
                 eos_token_id=tokenizer.eos_token_id, key=cache_key(cfg),
                 dataset=cfg.data.dataset, tokenizer=cfg.data.tokenizer)
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -138,9 +164,10 @@ def open_cache(cache_dir: Path, cfg: RunConfig) -> Corpus:
     tokens = {name: np.memmap(cache_dir / f"{name}.bin", dtype=meta["dtype"], mode="r")
               for name in meta["tokens"]}
     tokenizer = AutoTokenizer.from_pretrained(str(cache_dir / "tokenizer"))
+    digests = meta.get("sha256") or {name: files.sha256(cache_dir / f"{name}.bin") for name in tokens}
     return Corpus(tokenizer=tokenizer, cache_dir=cache_dir, tokens=tokens,
                   max_length=cfg.train.max_length, stride=cfg.data.stride,
-                  drop_remainder=cfg.data.drop_remainder)
+                  drop_remainder=cfg.data.drop_remainder, digests=digests)
 
 
 def write_tokens(tokenized, path: Path, dtype) -> int:

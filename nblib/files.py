@@ -1,6 +1,7 @@
 """Atomic file writes: a kill at any instant leaves either the old file or the new one, never half."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -65,6 +66,15 @@ def atomic_directory(path: Path, fill: Callable[[Path], None]) -> Path:
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(path.parent)
     return path
+
+
+def sha256(path: Path) -> str:
+    """The file's sha256, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def is_complete(directory: Path) -> bool:

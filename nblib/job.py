@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import config, data, hardware, model, state, train
+from . import config, contract, data, hardware, lock, model, state, train
 
 
 def run(params: Mapping[str, Any]) -> train.RunResult:
@@ -16,8 +16,13 @@ def run(params: Mapping[str, Any]) -> train.RunResult:
     cfg = config.resolve(params)
     device = hardware.detect(cfg.train.precision, cfg.devices)
     state.seed_everything(cfg.train.seed)
-    corpus = data.prepare(cfg)
-    return train.run(cfg, device, model.build(cfg.model, corpus.tokenizer), corpus)
+    lock.hold(cfg.output_dir)
+    try:
+        logging.getLogger(__name__).info(contract.preview(cfg, device.world_size))
+        corpus = data.prepare(cfg)
+        return train.run(cfg, device, model.build(cfg.model, corpus.tokenizer), corpus)
+    finally:
+        lock.release(cfg.output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

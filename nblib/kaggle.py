@@ -129,11 +129,15 @@ def _version() -> str:
 
 def make_bundle(out: Path, params: dict[str, Any], dataset_id: str) -> Path:
     """Resolve `params` as the notebook would, tokenize once, and write the bundle to `out`."""
-    from . import bundle, config, data
+    from . import bundle, config, data, lock
 
     cfg = config.resolve(params)
-    corpus = data.prepare(cfg)
-    return bundle.write(corpus.cache_dir, cfg, out, dataset_id)
+    lock.hold(cfg.output_dir)  # its data cache is built there: not beside a run in progress
+    try:
+        corpus = data.prepare(cfg)
+        return bundle.write(corpus.cache_dir, cfg, out, dataset_id)
+    finally:
+        lock.release(cfg.output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import ast
+import codecs
 import glob
 import hashlib
+import itertools
+import json
 import logging
 import re
 import sys
@@ -52,6 +55,57 @@ def fingerprint(cfg: DataConfig) -> dict:
     files = sorted(p for p in expand(cfg.dataset) if p.is_file())
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return {"local": cfg.dataset, "files": hashlib.sha256(repr(stats).encode()).hexdigest()}
+
+
+def check_files(cfg: DataConfig) -> None:
+    """Name an empty or non-UTF-8 local file, or a JSON record whose text is not a string, before
+    `datasets` reads it (its own errors name neither the file nor the fix).
+
+    Raises:
+        ValueError: naming the file (and the line or byte offset) and what to do.
+    """
+    if cfg.dataset.startswith("builtin:") or not is_local_dataset(cfg.dataset):
+        return
+    for path in expand(cfg.dataset):
+        if path.suffix in (".txt", ".jsonl", ".json"):  # parquet is binary and typed
+            _check_text(path, cfg.dataset)
+        if path.suffix == ".jsonl":
+            _check_records(path, cfg.text_column)
+
+
+def _check_text(path: Path, spec: str) -> None:
+    decoder, offset, blank = codecs.getincrementaldecoder("utf-8")(), 0, True
+    with open(path, "rb") as f:
+        for chunk in itertools.chain(iter(lambda: f.read(1 << 20), b""), [b""]):  # b"": the end
+            buffered = len(decoder.getstate()[0])  # an unfinished character from the last chunk
+            try:
+                blank = not decoder.decode(chunk, final=not chunk).strip() and blank
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"dataset={spec!r}: {path} is not UTF-8 text: the byte {error.object[error.start]:#04x} "
+                    f"at offset {offset - buffered + error.start:,} cannot be decoded ({error.reason}). "
+                    f"Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > "
+                    f"{path.stem}.utf8{path.suffix})") from None
+            offset += len(chunk)
+    if blank:
+        raise ValueError(f"dataset={spec!r}: {path} is empty ({offset} bytes, no text); fill it, or "
+                         "remove it from the dataset's files")
+
+
+def _check_records(path: Path, column: str, lines: int = 1000) -> None:
+    """The first `lines` records of a JSON-lines file hold a string (or nothing) under `column`."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if number > lines:
+                return  # far enough: the loaded column's type is checked too
+            try:
+                value = json.loads(line).get(column, "") if line.strip() else ""
+            except (ValueError, AttributeError):
+                raise ValueError(f"{path}:{number}: not a JSON object on one line") from None
+            if not isinstance(value, str):
+                raise ValueError(f"text_column={column!r}: {path}:{number} holds "
+                                 f"{type(value).__name__} {repr(value)[:40]} there, not text; "
+                                 "name the column that holds the text with text_column")
 
 
 def detect_layout(sample: list[str], line_based: bool) -> str:
@@ -176,11 +230,25 @@ def _normalise(dsd: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDi
         if cfg.text_column not in split.column_names:
             raise ValueError(f"text_column={cfg.text_column!r}: not a column of dataset="
                              f"{cfg.dataset!r} (its columns: {split.column_names})")
+        if not _is_text(split.features[cfg.text_column]):
+            texts = [name for name, feature in split.features.items() if _is_text(feature)]
+            raise ValueError(f"text_column={cfg.text_column!r}: dataset={cfg.dataset!r} holds "
+                             f"{_kind(split.features[cfg.text_column])} there, not text (its text "
+                             f"columns: {texts or 'none'})")
         split = split.select_columns([cfg.text_column])
         out[canonical] = split.rename_column(cfg.text_column, "text") if cfg.text_column != "text" else split
     if "train" not in out:
         raise ValueError(f"dataset={cfg.dataset!r} has no train split (its splits: {list(dsd)})")
     return datasets.DatasetDict(out)
+
+
+def _is_text(feature) -> bool:
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def _kind(feature) -> str:
+    """'int64 values', 'Sequence values', ... (a feature's repr differs across datasets versions)."""
+    return f"{getattr(feature, 'dtype', None) or type(feature).__name__} values"
 
 
 def python_docs() -> list[str]:

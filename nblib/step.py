@@ -89,10 +89,11 @@ def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Te
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: Device) -> torch.Tensor:
+def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: Device,
+            reduction: str = "mean") -> torch.Tensor:
     with device.autocast():
         logits = model(input_ids=inputs).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
 def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device) -> torch.Tensor:
@@ -155,14 +156,19 @@ def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_gr
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, blocks: np.ndarray, device: Device, batch_size: int) -> float:
-    """Mean loss over `blocks`; an OOM retries with a smaller eval batch."""
+    """Mean loss per target token over `blocks`, whatever the eval batch (`batch_size`, or less
+    after an OOM): the same blocks give the same loss up to float rounding."""
+    if len(blocks) == 0:
+        raise ValueError("no blocks to evaluate: a loss over nothing would read as 0")
+
     def mean_loss(eval_batch: int) -> float:
         model.eval()
-        total = torch.zeros((), device=device.device)
+        total, tokens = torch.zeros((), dtype=torch.float64, device=device.device), 0
         for start in range(0, len(blocks), eval_batch):
             inputs, targets = to_batch(blocks[start:start + eval_batch], device)
-            total += loss_of(model, inputs, targets, device) * len(inputs)
-        return (total / max(len(blocks), 1)).item()
+            total += loss_of(model, inputs, targets, device, reduction="sum").double()
+            tokens += targets.numel()
+        return (total / tokens).item()
 
     return memory.evaluate_with_backoff(mean_loss, batch_size)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed, files, generate, memory, report, stopping
+from . import checkpoint, contract, distributed, files, generate, lock, memory, report, stopping
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -116,7 +116,13 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
     `max_bad_steps` non-finite losses in a row, or when even a micro-batch of 1 is out of memory.
     With `device.world_size` > 1 it launches that many data-parallel workers, which come back
     here; `messages` is how rank 0 shows its progress through the parent.
+
+    Raises:
+        lock.RunDirectoryBusy: another process is running in `output_dir`.
+        contract.RunMismatch: the checkpoint to resume belongs to another run.
     """
+    if not distributed.in_worker():
+        lock.hold(cfg.output_dir)  # the notebook took it in the setup cell; workers run under it
     if device.world_size > 1 and not distributed.in_worker():
         return distributed.launch(cfg, device, model)
     run_dir, t = cfg.output_dir, cfg.train
@@ -124,14 +130,15 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
         for directory in (run_dir, checkpoint.checkpoint_dir(run_dir)):
             files.remove_temporaries(directory)
     train_blocks = corpus.blocks("train")
-    val_blocks = corpus.blocks("validation")[: t.batch_size * t.eval_batches]  # a fixed subset
-    config = cfg.to_dict()
-    resumed = _find_resume(cfg, config)
+    val_blocks = corpus.blocks("validation")[: t.eval_blocks]  # the same blocks at every evaluation
+    config = {**cfg.to_dict(), "fingerprint": contract.fingerprint(cfg, corpus)}
+    resumed = checkpoint.find_resume(run_dir, cfg.resume_from_checkpoint)
+    changes = contract.check(resumed[1], cfg, device.world_size, corpus, resumed[0]) if resumed else []
     global_batch = global_batch_of(resumed[1]) if resumed else t.effective_batch * device.world_size
     steps = total_steps(cfg, len(train_blocks), global_batch)
     state = new_state(cfg, device, model, steps)
     if resumed:
-        _restore(state, *resumed, device)
+        contract.resume(state, *resumed, cfg, device.world_size, changes)
     if device.is_main:
         checkpoint.check_disk_budget(run_dir, model, t.max_checkpoints)
         files.write_json(run_dir / "run_config.json", config)
@@ -226,34 +233,6 @@ def _save_on_stop(reason: StopReason, state: TrainState, ctx: _Run) -> None:
         _save_checkpoint(state, ctx)
     else:  # skipped steps changed no weights, so for a bad loss these are the last good ones
         checkpoint.save(ctx.cfg.output_dir / checkpoint.EMERGENCY, state.state_dict(ctx.config))
-
-
-def _find_resume(cfg: RunConfig, config: dict) -> tuple[Path, dict] | None:
-    resumed = checkpoint.find_resume(cfg.output_dir, cfg.resume_from_checkpoint)
-    if resumed:
-        checkpoint.check_compatible(resumed[1], config, resumed[0])
-    return resumed
-
-
-def _restore(state: TrainState, path: Path, saved: dict, device: Device) -> None:
-    """Load a checkpoint; under another number of processes, keep its global batch and split it
-    anew (more accumulation on fewer processes), so the data position and the schedule carry on."""
-    state.load_state_dict(saved)
-    if state.world_size != device.world_size:
-        per_rank, rest = divmod(state.global_batch, device.world_size)
-        if rest:
-            raise ValueError(f"{path} trained with a global batch of {state.global_batch} blocks, "
-                             f"which {device.world_size} processes cannot share evenly; use devices="
-                             f"{state.world_size}")
-        accumulation = max(1, state.gradient_accumulation_steps * state.world_size // device.world_size)
-        state.gradient_accumulation_steps = min(accumulation, per_rank)
-        state.batch_size = math.ceil(per_rank / state.gradient_accumulation_steps)
-        log.info("resuming a %d-process run in %d: global batch %d kept as %d x %d per process",
-                 state.world_size, device.world_size, state.global_batch, state.batch_size,
-                 state.gradient_accumulation_steps)
-        state.world_size = device.world_size
-    log.info("resumed from %s at step %d (epoch %d, block %d of its order)",
-             path, state.step, state.epoch, state.position)
 
 
 class _Window:

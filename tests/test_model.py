@@ -48,5 +48,7 @@ def test_vocabulary_is_padded_to_a_multiple_of_64_inside_the_run_only():
     plain = model.unpadded(net)
     assert plain.config.vocab_size == 50257 and not hasattr(plain.config, "unpadded_vocab_size")
     ids = torch.tensor([[1, 2, 50256]])
-    assert torch.equal(plain(ids).logits, net(ids).logits[..., :50257])
+    # The same weights; a matmul over 50257 rows may block differently from one over 50304, so
+    # the logits agree to float rounding, not bitwise (6e-8 apart with torch 2.13 on CPU).
+    torch.testing.assert_close(plain(ids).logits, net(ids).logits[..., :50257], rtol=1e-5, atol=1e-6)
     assert model.parameter_counts(plain) == model.parameter_counts(net)

@@ -95,3 +95,55 @@ def test_the_parameters_cell_and_the_config_name_the_same_parameters():
     from nblib import config
     names = {p["name"] for p in papermill.inspect_notebook(str(NOTEBOOK)).values()}
     assert names == set(config.PARAMETERS)
+
+
+def test_a_misspelt_parameter_stops_the_setup_cell_naming_the_likely_one(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError,
+                       match=r"unknown parameter learnin_rate; did you mean learning_rate\?"):
+        execute(tmp_path, preset="smoke", output_dir=str(tmp_path / "run"), learnin_rate=0.1)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_validation_file_too_short_for_one_block_is_refused_before_training(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "train.txt").write_text("".join(wikitext_lines(200)))
+    (data_dir / "valid.txt").write_text(" = Short = \n a few words .\n")
+    with pytest.raises(papermill.PapermillExecutionError,
+                       match=r"the validation split holds \d+ tokens, fewer than the 65 one block needs"):
+        execute(tmp_path, preset="smoke", output_dir=str(tmp_path / "run"), dataset=str(data_dir / "*.txt"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _damaged_tokenizer(tmp_path, tokenizer_dir):
+    damaged = tmp_path / "tokenizer"
+    damaged.mkdir()
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        (damaged / name).write_bytes((tokenizer_dir / name).read_bytes())
+    text = (damaged / "tokenizer.json").read_bytes()
+    (damaged / "tokenizer.json").write_bytes(text[: len(text) // 2])  # an upload cut short
+    return dict(tokenizer=str(damaged)), rf"tokenizer='{damaged}': {damaged}/tokenizer.json is damaged or truncated"
+
+
+DATA_ERRORS = {
+    "empty file": lambda tmp_path, _: (
+        (tmp_path / "empty.txt").write_text(" \n\n"),
+        dict(dataset=str(tmp_path / "empty.txt")), r"empty.txt is empty \(3 bytes, no text\)")[1:],
+    "not UTF-8": lambda tmp_path, _: (
+        (tmp_path / "latin1.txt").write_bytes("".join(wikitext_lines(5)).encode() + "café".encode("latin-1")),
+        dict(dataset=str(tmp_path / "latin1.txt")),
+        r"latin1.txt is not UTF-8 text: the byte 0xe9 at offset [\d,]+ cannot be decoded")[1:],
+    "numbers in the text column": lambda tmp_path, _: (
+        (tmp_path / "numbers.jsonl").write_text('{"text": "one line"}\n{"text": 42}\n'),
+        dict(dataset=str(tmp_path / "numbers.jsonl")),
+        r"text_column='text': .*numbers.jsonl:2 holds int 42 there, not text")[1:],
+    "truncated tokenizer.json": _damaged_tokenizer,
+}
+
+
+@pytest.mark.parametrize("case", DATA_ERRORS)
+def test_data_errors_name_the_file_and_the_fix(tmp_path, tokenizer_dir, case):
+    parameters, message = DATA_ERRORS[case](tmp_path, tokenizer_dir)
+    with pytest.raises(papermill.PapermillExecutionError, match=message) as error:
+        execute(tmp_path, preset="smoke", output_dir=str(tmp_path / "run"), **parameters)
+    assert "site-packages" not in str(error.value)  # raised by nblib's checks, not deep in a library

@@ -77,3 +77,25 @@ def test_builtin_corpus_is_python_documentation():
     docs = sources.python_docs()
     assert sum(map(len, docs)) > 1_000_000
     assert any("Return" in d for d in docs)
+
+
+def test_a_text_column_of_numbers_is_a_clear_error_naming_the_text_columns(tmp_path):
+    datasets.Dataset.from_dict({"label": [1, 2, 3], "body": ["a", "b", "c"]}).to_parquet(
+        str(tmp_path / "train.parquet"))
+    with pytest.raises(ValueError, match=r"text_column='label': .* holds int64 values there, not text "
+                                         r"\(its text columns: \['body'\]\)"):
+        sources.load(data_config(tmp_path / "train.parquet", column="label"), seed=0)
+
+
+def test_files_are_checked_before_loading_a_cut_character_and_a_blank_file(tmp_path):
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes(("é" * 600_000).encode()[:-1])  # the last character cut in half, past a 1 MB chunk
+    with pytest.raises(ValueError, match=r"cut.txt is not UTF-8 text: the byte 0xc3 at offset 1,199,998"):
+        sources.check_files(data_config(cut))
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n")
+    with pytest.raises(ValueError, match=r"blank.jsonl is empty \(1 bytes, no text\)"):
+        sources.check_files(data_config(blank))
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"tokens": [1, 2]}) + "\n")  # token ids, no text column: not this check's business
+    sources.check_files(data_config(good))

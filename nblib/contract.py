@@ -1,0 +1,236 @@
+"""A run's identity, and what a resume may change: the one table that says which parameter is which.
+
+A run is its tokenizer, its data, its blocks and its model. Their fingerprint goes into every
+checkpoint and `run_config.json`, and a resume whose fingerprint differs is refused, naming each
+difference. Everything else a resume may change is applied to the resumed state, logged once
+("learning_rate 0.003 -> 0.0001 from step 40") and recorded in the history's events.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint
+from .config import PARAMETERS, RunConfig
+from .state import TrainState, global_batch_of
+
+log = logging.getLogger(__name__)
+
+IDENTITY = "identity"  # in the fingerprint: a resume must match it
+BOUND = "bound"  # fixed when the run starts: a resume must match it
+APPLIED = "may change"  # applied to the resumed run, logged and recorded
+FREE = "free"  # how this session runs, not part of the run: never compared
+
+_SCHEDULE = "the schedule is derived again, from the resumed step"
+RULES: dict[str, tuple[str, str]] = {
+    **{name: (IDENTITY, "the data: compared through its tokens (the same tokens from another path "
+                        "resume)") for name in ("dataset", "dataset_config", "text_column", "token_key")},
+    "tokenizer": (IDENTITY, "compared through its vocabulary and merges, not its name"),
+    **{name: (IDENTITY, "how the tokens are cut into blocks") for name in ("max_length", "stride",
+                                                                          "drop_remainder")},
+    **{name: (IDENTITY, "the model's shape") for name in (
+        "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "init_from",
+        "lora_r", "lora_alpha", "lora_target_modules")},
+    "seed": (BOUND, "the data order and the held-out split follow it"),
+    "eval_blocks": (BOUND, "the best model is chosen by the loss on these validation blocks"),
+    "learning_rate": (APPLIED, "set in the optimizer and as the schedule's peak"),
+    "weight_decay": (APPLIED, "set in the optimizer (weight matrices only)"),
+    "max_grad_norm": (APPLIED, "clips from the next step"),
+    **{name: (APPLIED, _SCHEDULE) for name in ("epochs", "max_steps", "warmup_steps")},
+    **{name: (APPLIED, "from the next step") for name in (
+        "save_steps", "eval_steps", "max_checkpoints", "time_budget_minutes", "max_bad_steps",
+        "precision", "torch_compile", "dropout", "lora_dropout", "report_to")},
+    **{name: (APPLIED, "a new split of the same global batch") for name in (
+        "batch_size", "gradient_accumulation_steps")},
+    "devices": (APPLIED, "the same global batch, shared anew over the processes"),
+    **{name: (APPLIED, "the samples from the next evaluation") for name in (
+        "prompts", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+        "num_return_sequences", "generation_seed")},
+    **{name: (FREE, "where and how this session runs") for name in (
+        "preset", "output_dir", "resume_from_checkpoint", "dry_run", "sample_from", "lora_export")},
+}
+assert set(RULES) == set(PARAMETERS), set(RULES) ^ set(PARAMETERS)
+
+SHAPE = ("max_length", "stride", "drop_remainder", "vocab_size", "n_positions", "n_embd", "n_layer",
+         "n_head", "n_inner", "init_from", "lora_r", "lora_alpha", "lora_target_modules")
+
+
+class RunMismatch(ValueError):
+    """A checkpoint of another run: resuming it would mix two runs."""
+
+
+@dataclass(frozen=True)
+class Change:
+    name: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.old!r} -> {self.new!r}"
+
+
+def parameter_values(config: dict[str, Any]) -> dict[str, Any]:
+    """A RunConfig's dict (`RunConfig.to_dict`, as checkpoints store it) by parameter name."""
+    sections = {k: v for k, v in config.items() if isinstance(v, dict) and k != "fingerprint"}
+    flat = {k: v for k, v in config.items() if k not in sections and k != "fingerprint"}
+    for name, section in sections.items():
+        flat.update({k: v for k, v in section.items() if not (name == "sampling" and k == "seed")})
+    if "sampling" in sections:
+        flat["generation_seed"] = sections["sampling"].get("seed")
+    return {k: v for k, v in flat.items() if k in RULES}
+
+
+def fingerprint(cfg: RunConfig, corpus=None) -> dict[str, Any]:
+    """The run's identity: its block and model shape, and with the prepared `corpus` the content
+    of its tokenizer and of its tokenized splits."""
+    shape = fingerprint_of(parameter_values(cfg.to_dict()))
+    if corpus is None:
+        return shape
+    tokens = ", ".join(f"{split} {len(t):,}" for split, t in corpus.tokens.items())
+    return {**shape, "vocab_size": cfg.model.vocab_size or len(corpus.tokenizer),
+            "tokenizer": {"sha256": tokenizer_digest(corpus.tokenizer),
+                          "about": f"{cfg.data.tokenizer} ({len(corpus.tokenizer):,} tokens)"},
+            "data": {"sha256": _digest(corpus.digests),
+                     "about": f"dataset={cfg.data.dataset!r} ({tokens} tokens)"}}
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of a fast tokenizer's vocabulary and merges (in one form across tokenizers versions)."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model.get("merges", [])]
+    return _digest({"vocab": sorted(tokenizer.get_vocab().items()), "merges": merges,
+                    "eos": tokenizer.eos_token})
+
+
+def check(saved: dict[str, Any], cfg: RunConfig, world_size: int, corpus=None,
+          path: Path | str = "the checkpoint") -> list[Change]:
+    """Compare a checkpoint with this run; returns the allowed changes to apply.
+
+    Without `corpus` (the setup cell, before any data work) the shape and the bound parameters
+    are compared; with it, the tokenizer's and the data's content too.
+
+    Raises:
+        RunMismatch: naming each differing item, old and new, and the ways out.
+    """
+    saved_config = saved.get("config", {})
+    old, new = parameter_values(saved_config), parameter_values(cfg.to_dict())
+    old_print = saved_config.get("fingerprint") or fingerprint_of(old)
+    new_print = fingerprint(cfg, corpus)
+    problems = [f"{name}: checkpoint {_shown(old_print[name])}, this run {_shown(new_print[name])}"
+                for name in new_print if name in old_print and _key(old_print[name]) != _key(new_print[name])]
+    problems += [f"{name}: checkpoint {old[name]!r}, this run {new[name]!r} ({why})"
+                 for name, (kind, why) in RULES.items()
+                 if kind == BOUND and old.get(name) is not None and old[name] != new[name]]
+    problem = _global_batch_problem(saved, old, cfg, world_size)
+    if problem:
+        problems.append(problem)
+    if problems:
+        raise RunMismatch(
+            f"{path} is a checkpoint of another run (step {saved.get('step')}):\n  - "
+            + "\n  - ".join(problems)
+            + f"\nResuming it would mix two runs. To continue it, set these back. To keep both, "
+              f"give this run another output_dir; to replace it, move its files (checkpoints/, "
+              f"{checkpoint.BEST_MODEL}, {checkpoint.EMERGENCY}) out of {cfg.output_dir}.")
+    return [Change(name, old[name], new[name]) for name, (kind, _) in RULES.items()
+            if kind == APPLIED and name in old and old[name] != new[name]]
+
+
+def fingerprint_of(values: dict[str, Any]) -> dict[str, Any]:
+    """The shape part of a fingerprint, from parameter values (an older checkpoint's config has
+    no fingerprint of its own). `vocab_size=None` means the tokenizer's: known with the data."""
+    return {name: values[name] for name in SHAPE
+            if name in values and not (name == "vocab_size" and values[name] is None)}
+
+
+def _global_batch_problem(saved: dict, old: dict, cfg: RunConfig, world_size: int) -> str | None:
+    """A run's global batch is fixed at its start: its steps, its schedule and its data position
+    count in it. `devices` may change (the batch is shared anew); a new `batch_size` x
+    `gradient_accumulation_steps` must keep it."""
+    t = cfg.train
+    if (old.get("batch_size"), old.get("gradient_accumulation_steps")) == (t.batch_size, t.gradient_accumulation_steps):
+        return None
+    wanted, kept = t.effective_batch * world_size, global_batch_of(saved)
+    if wanted == kept:
+        return None
+    return (f"global batch: checkpoint {kept} blocks per optimizer step, this run {t.batch_size} x "
+            f"{t.gradient_accumulation_steps} x {world_size} process(es) = {wanted} (a run's steps, "
+            f"schedule and data position count in its global batch: keep batch_size x "
+            f"gradient_accumulation_steps x processes = {kept})")
+
+
+def resume(state: TrainState, path: Path, saved: dict, cfg: RunConfig, world_size: int,
+           changes: list[Change]) -> None:
+    """Load a checkpoint into `state`, then apply the allowed changes: the micro-batch split, the
+    optimizer's learning rate and weight decay, the schedule derived again. Each change is logged
+    and kept in the history's events."""
+    state.load_state_dict(saved)
+    _split_global_batch(state, cfg, world_size, path,
+                        new_split=any(c.name in ("batch_size", "gradient_accumulation_steps") for c in changes))
+    scheduler, groups = state.scheduler, state.optimizer.param_groups
+    groups[0]["weight_decay"] = cfg.train.weight_decay  # group 0: the matrices; biases and norms stay at 0
+    scheduler.base_lrs = [cfg.train.learning_rate] * len(groups)
+    for group, factor in zip(groups, scheduler.lr_lambdas):
+        group["initial_lr"] = cfg.train.learning_rate
+        group["lr"] = cfg.train.learning_rate * factor(scheduler.last_epoch)  # LambdaLR's own formula
+    log.info("resumed from %s at step %d (epoch %d, block %d of its order)",
+             path, state.step, state.epoch, state.position)
+    for change in changes:
+        log.info("%s from step %d", change, state.step)
+        state.events.append({"step": state.step, "event": "changed", "parameter": change.name,
+                             "old": change.old, "new": change.new})
+
+
+def _split_global_batch(state: TrainState, cfg: RunConfig, world_size: int, path: Path,
+                        new_split: bool) -> None:
+    """The checkpoint's global batch over `world_size` processes: the configured split when it
+    was changed, else the checkpoint's (OOM back-offs kept), with accumulation scaled when the
+    number of processes changed."""
+    t = cfg.train
+    if new_split:
+        state.batch_size, state.gradient_accumulation_steps = t.batch_size, t.gradient_accumulation_steps
+    elif state.world_size != world_size:
+        per_rank, rest = divmod(state.global_batch, world_size)
+        if rest:
+            raise RunMismatch(f"{path} trained with a global batch of {state.global_batch} blocks, "
+                              f"which {world_size} processes cannot share evenly; use devices="
+                              f"{state.world_size}")
+        accumulation = max(1, state.gradient_accumulation_steps * state.world_size // world_size)
+        state.gradient_accumulation_steps = min(accumulation, per_rank)
+        state.batch_size = math.ceil(per_rank / state.gradient_accumulation_steps)
+        log.info("resuming a %d-process run in %d: global batch %d kept as %d x %d per process",
+                 state.world_size, world_size, state.global_batch, state.batch_size,
+                 state.gradient_accumulation_steps)
+    state.world_size = world_size
+
+
+def preview(cfg: RunConfig, world_size: int) -> str:
+    """What the train cell will do with `output_dir`, checked before any data work.
+
+    Raises:
+        RunMismatch: the checkpoint it would resume belongs to another run.
+        ValueError: `resume_from_checkpoint=""` while `output_dir` holds checkpoints.
+    """
+    found = checkpoint.find_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    if found is None:
+        return f"a new run in {cfg.output_dir}"
+    path, saved = found
+    check(saved, cfg, world_size, path=path)
+    return (f"continuing the run in {path} from step {saved['step']} (its tokenizer and data are "
+            "compared once they are loaded)")
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _key(item: Any) -> Any:
+    return item["sha256"] if isinstance(item, dict) else item
+
+
+def _shown(item: Any) -> str:
+    return f"{item['about']}, sha256 {item['sha256'][:12]}" if isinstance(item, dict) else repr(item)
