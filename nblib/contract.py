@@ -202,6 +202,7 @@ def _split_global_batch(state: TrainState, cfg: RunConfig, world_size: int, path
         accumulation = max(1, state.gradient_accumulation_steps * state.world_size // world_size)
         state.gradient_accumulation_steps = min(accumulation, per_rank)
         state.batch_size = math.ceil(per_rank / state.gradient_accumulation_steps)
+    if state.world_size != world_size:
         log.info("resuming a %d-process run in %d: global batch %d kept as %d x %d per process",
                  state.world_size, world_size, state.global_batch, state.batch_size,
                  state.gradient_accumulation_steps)

@@ -114,6 +114,8 @@ def _cached_or_built(cfg: RunConfig) -> Path:
         log.info("reusing tokenized data in %s", found[0])
         return found[0]
     sources.check_files(cfg.data)  # an empty or non-UTF-8 file is named before any heavy work
+    if not _pretokenized_files(cfg):
+        sources.check_records(cfg.data)
     return files.atomic_directory(own, lambda tmp: build_cache(cfg, tmp))
 
 

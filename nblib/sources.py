@@ -58,19 +58,44 @@ def fingerprint(cfg: DataConfig) -> dict:
 
 
 def check_files(cfg: DataConfig) -> None:
-    """Name an empty or non-UTF-8 local file, or a JSON record whose text is not a string, before
-    `datasets` reads it (its own errors name neither the file nor the fix).
+    """Name an empty or non-UTF-8 local file before `datasets` reads it (its own errors name
+    neither the file nor the fix).
 
     Raises:
-        ValueError: naming the file (and the line or byte offset) and what to do.
+        ValueError: naming the file, the byte offset and what to do.
     """
-    if cfg.dataset.startswith("builtin:") or not is_local_dataset(cfg.dataset):
-        return
-    for path in expand(cfg.dataset):
+    for path in _local_files(cfg):
         if path.suffix in (".txt", ".jsonl", ".json"):  # parquet is binary and typed
             _check_text(path, cfg.dataset)
-        if path.suffix == ".jsonl":
-            _check_records(path, cfg.text_column)
+
+
+def check_records(cfg: DataConfig, lines: int = 1000) -> None:
+    """The first `lines` records of each JSON-lines file of text hold a string (or nothing) under
+    the text column; the loaded column's type is checked too.
+
+    Raises:
+        ValueError: naming the file and line.
+    """
+    for path in _local_files(cfg):
+        if path.suffix != ".jsonl":
+            continue
+        with open(path, encoding="utf-8") as f:
+            for number, line in zip(range(1, lines + 1), f):
+                try:
+                    value = json.loads(line).get(cfg.text_column, "") if line.strip() else ""
+                except (ValueError, AttributeError):
+                    raise ValueError(f"dataset={cfg.dataset!r}: {path}:{number} is not a JSON object on "
+                                     "one line (JSON lines: one object per line)") from None
+                if not isinstance(value, str):
+                    raise ValueError(f"text_column={cfg.text_column!r}: {path}:{number} holds "
+                                     f"{type(value).__name__} {repr(value)[:40]} there, not text; "
+                                     "name the column that holds the text with text_column")
+
+
+def _local_files(cfg: DataConfig) -> list[Path]:
+    if cfg.dataset.startswith("builtin:") or not is_local_dataset(cfg.dataset):
+        return []
+    return expand(cfg.dataset)
 
 
 def _check_text(path: Path, spec: str) -> None:
@@ -90,22 +115,6 @@ def _check_text(path: Path, spec: str) -> None:
     if blank:
         raise ValueError(f"dataset={spec!r}: {path} is empty ({offset} bytes, no text); fill it, or "
                          "remove it from the dataset's files")
-
-
-def _check_records(path: Path, column: str, lines: int = 1000) -> None:
-    """The first `lines` records of a JSON-lines file hold a string (or nothing) under `column`."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if number > lines:
-                return  # far enough: the loaded column's type is checked too
-            try:
-                value = json.loads(line).get(column, "") if line.strip() else ""
-            except (ValueError, AttributeError):
-                raise ValueError(f"{path}:{number}: not a JSON object on one line") from None
-            if not isinstance(value, str):
-                raise ValueError(f"text_column={column!r}: {path}:{number} holds "
-                                 f"{type(value).__name__} {repr(value)[:40]} there, not text; "
-                                 "name the column that holds the text with text_column")
 
 
 def detect_layout(sample: list[str], line_based: bool) -> str:

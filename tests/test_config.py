@@ -12,8 +12,9 @@ def test_presets_resolve_and_none_means_the_presets_value(tmp_path):
     assert config.resolve({"preset": "cpu-demo"}).data.dataset == "builtin:python-docs"
 
 
-def test_parameters_override_the_preset_and_extra_names_are_ignored(tmp_path):
-    cfg = config.resolve({**tiny_params(tmp_path), "n_layer": 3, "unrelated_global": object()})
+def test_parameters_override_the_preset_and_a_notebooks_other_names_are_ignored(tmp_path):
+    namespace = {"__name__": "__main__", "In": [], "unrelated_global": object()}
+    cfg = config.resolve({**tiny_params(tmp_path), "n_layer": 3, **namespace})
     assert cfg.model.n_layer == 3 and cfg.train.precision == "fp32"
 
 
@@ -81,3 +82,16 @@ def test_one_prompt_as_a_string_and_sampling_settings_resolve(tmp_path):
     cfg = config.resolve(tiny_params(tmp_path, prompts="Once upon", temperature=1.2, generation_seed=7))
     assert cfg.sampling.prompts == ("Once upon",) and cfg.sampling.temperature == 1.2
     assert cfg.sampling.seed == 7 and cfg.train.seed == 42  # the training seed stays apart
+
+
+def test_misspelt_names_are_refused_but_a_notebooks_own_variables_are_not():
+    with pytest.raises(ValueError, match=r"unknown parameter learnin_rate; did you mean learning_rate\?"):
+        config.resolve({"preset": "smoke", "learnin_rate": 0.1})  # a job file: every key is a parameter
+    injected = "# Parameters\npreset = \"smoke\"\nlearnin_rate = 0.1\n"
+    kernel = {"__name__": "__main__", "In": ["", "import nblib", injected], "x": 3, "preset": "smoke"}
+    with pytest.raises(ValueError, match=r"unknown parameter learnin_rate; did you mean learning_rate\?"):
+        config.resolve({**kernel, "learnin_rate": 0.1})
+    interactive = {**kernel, "In": ["", "x = 3\nlearnin_rate = 0.1"], "learnin_rate": 0.1}
+    assert config.resolve(interactive).train.learning_rate == 3e-3  # a user's own names are theirs
+    with pytest.raises(ValueError, match=r"unknown parameter zzz \(the parameters are listed in the README\)"):
+        config.resolve({"preset": "smoke", "zzz": 1})

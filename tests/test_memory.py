@@ -52,7 +52,8 @@ def test_resume_keeps_the_reduced_micro_batch(tmp_path, wikitext_file, tokenizer
     run_tiny(config.resolve(base))
     resumed, _ = run_tiny(config.resolve({**base, "max_steps": 8, "resume_from_checkpoint": "auto"}))
     assert (resumed.state.batch_size, resumed.state.gradient_accumulation_steps) == (4, 4)
-    assert len(resumed.state.events) == 2  # no new OOM: the saved micro-batch was used
+    backoffs = [e for e in resumed.state.events if e["event"] == "out of memory"]
+    assert len(backoffs) == 2  # no new OOM: the saved micro-batch was used
 
 
 def test_old_style_runtime_error_is_recognised_and_others_are_not():

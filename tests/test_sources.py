@@ -96,6 +96,8 @@ def test_files_are_checked_before_loading_a_cut_character_and_a_blank_file(tmp_p
     blank.write_text("\n")
     with pytest.raises(ValueError, match=r"blank.jsonl is empty \(1 bytes, no text\)"):
         sources.check_files(data_config(blank))
-    good = tmp_path / "good.jsonl"
-    good.write_text(json.dumps({"tokens": [1, 2]}) + "\n")  # token ids, no text column: not this check's business
-    sources.check_files(data_config(good))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"text": "fine"}) + "\n{\"text\": \"cut\n")
+    sources.check_files(data_config(broken))  # valid UTF-8 ...
+    with pytest.raises(ValueError, match=r"broken.jsonl:2 is not a JSON object on one line"):
+        sources.check_records(data_config(broken))  # ... but not JSON lines
