@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = re.compile(r"^checkpoint_epoch(\d+)_step(\d+)\.pt$")
 BEST_MODEL = "best_model.pt"
 EMERGENCY = "emergency_checkpoint.pt"
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, unsafe or from another configuration."""
 

@@ -104,13 +104,14 @@ def _check_text(path: Path, spec: str) -> None:
         for chunk in itertools.chain(iter(lambda: f.read(1 << 20), b""), [b""]):  # b"": the end
             buffered = len(decoder.getstate()[0])  # an unfinished character from the last chunk
             try:
-                blank = not decoder.decode(chunk, final=not chunk).strip() and blank
+                text = decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as error:
                 raise ValueError(
                     f"dataset={spec!r}: {path} is not UTF-8 text: the byte {error.object[error.start]:#04x} "
                     f"at offset {offset - buffered + error.start:,} cannot be decoded ({error.reason}). "
                     f"Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > "
                     f"{path.stem}.utf8{path.suffix})") from None
+            blank = blank and not text.strip()
             offset += len(chunk)
     if blank:
         raise ValueError(f"dataset={spec!r}: {path} is empty ({offset} bytes, no text); fill it, or "

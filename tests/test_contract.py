@@ -4,13 +4,15 @@ import re
 import shutil
 from pathlib import Path
 
+import nbformat
 import papermill
 import pytest
 import torch
+from nbclient import NotebookClient
 
 from nblib import checkpoint, config, contract, data, hardware, model, state, step, tokenizer, train
 from conftest import tiny_params, wikitext_lines
-from test_notebook import execute, outputs_text
+from test_notebook import NOTEBOOK, execute, outputs_text
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -123,8 +125,28 @@ def test_evaluation_weights_every_token_the_same_whatever_the_eval_batch(tiny_co
         step.evaluate(net, blocks[:0], device, 4)
 
 
-def test_rerunning_cells_in_a_live_kernel_applies_the_new_learning_rate(tiny_config, tmp_path):
-    """The interactive user: train, set learning_rate and weight_decay, run setup and train again."""
+def test_a_live_kernel_rerunning_setup_to_train_applies_the_new_learning_rate(tmp_path):
+    """The interactive user: Run All, then `learning_rate = 1e-4`, `max_steps = 30` in a new cell,
+    and the cells from setup to train run again in the same kernel (which holds the folder's lock)."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    chosen = nbformat.v4.new_code_cell(f"preset = 'smoke'\noutput_dir = {str(tmp_path / 'run')!r}\nmax_steps = 20")
+    nb.cells.insert(next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])) + 1, chosen)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    setup, train_cell = (next(i for i, c in enumerate(code) if marker in c.source)
+                         for marker in ("nblib.config.resolve", "nblib.train.run"))
+    nb.cells.append(nbformat.v4.new_code_cell("learning_rate = 1e-4\nmax_steps = 30"))
+    client = NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    with client.setup_kernel():
+        for cell in code + [nb.cells[-1]] + code[setup:train_cell + 1]:
+            cell.outputs = []
+            client.execute_cell(cell, nb.cells.index(cell))
+    shown = "".join(o.get("text", "") for o in code[train_cell].outputs)
+    assert "learning_rate 0.003 -> 0.0001 from step 20" in shown and "max_steps 20 -> 30 from step 20" in shown
+    history = json.loads((tmp_path / "run" / "training_history.json").read_text())
+    assert history[-1]["step"] == 30 and history[-1]["learning_rate"] == pytest.approx(1e-5, rel=1e-12)
+
+
+def test_train_run_twice_in_one_process_applies_the_new_learning_rate_and_weight_decay(tiny_config, tmp_path):
     device = hardware.detect("fp32", 1)
     corpus = data.prepare(tiny_config)
     state.seed_everything(0)
