@@ -1,6 +1,7 @@
 """The deliverable: `final_model/` in Hugging Face format, loadable by `pipeline("text-generation")`."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -49,11 +50,34 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
     def fill(directory: Path) -> None:
         exported.save_pretrained(str(directory))
         generation.save_pretrained(str(directory))
-        tokenizer.save_pretrained(str(directory))
+        save_portable_tokenizer(tokenizer, directory, model.config.n_positions)
 
     path = files.atomic_directory(Path(run_dir) / FINAL_MODEL, fill)
     log.info("exported %s%s", path, " (LoRA adapter only)" if exported is model and lora.is_lora(model) else "")
     return path
+
+
+def save_portable_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path, n_positions: int) -> None:
+    """`save_pretrained`, loadable by transformers 4.x and 5.x alike.
+
+    transformers 5 writes `"tokenizer_class": "TokenizersBackend"` and no vocab.json/merges.txt,
+    which 4.x's AutoTokenizer and GPT2Tokenizer (the guide's snippet) cannot load. A GPT-2-style
+    byte-level BPE is saved as a GPT2Tokenizer with both files, which every version reads; and
+    `model_max_length` is the model's context, not 1e6.
+    """
+    tokenizer.save_pretrained(str(directory))
+    settings_file = Path(directory) / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text())
+    settings["model_max_length"] = n_positions
+    if _is_byte_level_bpe(tokenizer):
+        tokenizer.backend_tokenizer.model.save(str(directory))  # vocab.json and merges.txt
+        settings["tokenizer_class"] = "GPT2Tokenizer"
+    settings_file.write_text(json.dumps(settings, indent=2))
+
+
+def _is_byte_level_bpe(tokenizer: PreTrainedTokenizerFast) -> bool:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    return spec["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
 
 
 def summary(run_dir: Path) -> str:

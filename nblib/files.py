@@ -51,8 +51,10 @@ def atomic_directory(path: Path, fill: Callable[[Path], None]) -> Path:
     tmp.mkdir()
     try:
         fill(tmp)
+        mode = _new_file_mode()
         for file in tmp.rglob("*"):
             if file.is_file():
+                file.chmod(mode)  # one mode for all: transformers 5 writes model.safetensors 0600
                 _fsync(file)
         (tmp / COMPLETE_MARKER).write_text("")
         _fsync(tmp / COMPLETE_MARKER)
@@ -90,6 +92,13 @@ def remove_temporaries(directory: Path) -> list[Path]:
     for p in leftovers:
         shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     return leftovers
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 usually)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync(path: Path) -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import torch
@@ -38,10 +39,11 @@ def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, sampling
                 raise ValueError(f"prompt {prompt[:40]!r}... is {prompt_length} tokens; the model "
                                  f"sees at most n_positions={context}")
             # Past n_positions the position embedding has no row: stop at the context's end.
-            output = model.generate(
-                **inputs, generation_config=settings, num_return_sequences=sampling.num_return_sequences,
-                max_new_tokens=min(sampling.max_new_tokens, context - prompt_length),
-                suppress_tokens=padding or None)
+            # (Arguments beside a generation_config are deprecated in transformers 5: one config.)
+            call = copy.deepcopy(settings)
+            call.update(num_return_sequences=sampling.num_return_sequences, suppress_tokens=padding or None,
+                        max_new_tokens=min(sampling.max_new_tokens, context - prompt_length))
+            output = model.generate(**inputs, generation_config=call)
             texts += tokenizer.batch_decode(output, skip_special_tokens=True)
     model.train(was_training)
     return texts

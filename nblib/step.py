@@ -92,7 +92,7 @@ def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Te
 def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: Device,
             reduction: str = "mean") -> torch.Tensor:
     with device.autocast():
-        logits = model(input_ids=inputs).logits  # (B, T, V)
+        logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V); no KV cache in training
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 

@@ -1,9 +1,18 @@
+import json
+import os
+import subprocess
+from pathlib import Path
 
+import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, pipeline
 
+import portable_export
+
 from nblib import data, export, generate, hardware, model, plots, state, train
 from nblib.config import SamplingConfig
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_final_model_loads_in_a_pipeline_and_guide_snippet_works(tiny_config, capsys):
@@ -77,3 +86,30 @@ def test_samples_from_a_padded_training_model_never_use_padding_rows(tiny_config
         net.transformer.wte.weight[len(corpus.tokenizer):] = 5.0
     text = generate.samples(net, corpus.tokenizer, SamplingConfig(prompts=("the river",), max_new_tokens=6))[0]
     assert text.startswith("the river") and len(text) > len("the river")
+
+
+OTHER_PYTHON = os.environ.get("NBLIB_OTHER_TRANSFORMERS_PYTHON")  # .ci/run: another environment's python
+
+
+@pytest.mark.skipif(not OTHER_PYTHON, reason="set NBLIB_OTHER_TRANSFORMERS_PYTHON to a python with another "
+                                             "major transformers (.ci/run does)")
+def test_an_export_loads_under_the_other_major_transformers_and_back(tmp_path, tiny_config):
+    """Trained on Kaggle (transformers 5) and loaded on a user's 4.x machine, and the reverse: the
+    same token ids from AutoTokenizer and the guide's GPT2Tokenizer, the same logits."""
+    state.seed_everything(0)
+    corpus = data.prepare(tiny_config)
+    net = model.build(tiny_config.model, corpus.tokenizer)
+    here = export.final_model(net, corpus.tokenizer, tmp_path / "here")
+    there = tmp_path / "there" / "final_model"
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = [OTHER_PYTHON, str(Path(__file__).with_name("portable_export.py"))]
+    seen_there = json.loads(subprocess.run(run + ["load", str(here)], env=environment, check=True,
+                                           capture_output=True, text=True).stdout.splitlines()[-1])
+    subprocess.run(run + ["export", str(here), str(there.parent)], env=environment, check=True, capture_output=True)
+    for seen, other in ((portable_export.read(str(here)), seen_there),
+                        (portable_export.read(str(there)), portable_export.read(str(here)))):
+        assert seen["fast"] == seen["slow"] == other["fast"] == other["slow"]
+        assert seen["model_max_length"] == other["model_max_length"] == tiny_config.model.n_positions
+        assert seen["generated"] == other["generated"]
+        torch.testing.assert_close(torch.tensor(seen["logits"]), torch.tensor(other["logits"]))
+    assert {oct(p.stat().st_mode & 0o777) for p in there.iterdir()} == {oct(p.stat().st_mode & 0o777) for p in here.iterdir()}

@@ -7,8 +7,7 @@ from nblib import hardware
 def test_cpu_auto_uses_bf16_only_with_amx():
     assert hardware._cpu_precision("auto", ("avx512f", "amx_bf16")) == "bf16"
     assert hardware._cpu_precision("auto", ("avx2",)) == "fp32"
-    with pytest.raises(ValueError, match="fp16 training needs a CUDA GPU"):
-        hardware._cpu_precision("fp16", ())
+    assert hardware._cpu_precision("fp16", ()) == "fp16"  # the T4's path, slowly: so CI can run it
 
 
 def test_gpu_auto_is_fp16_on_t4_and_bf16_on_ampere():

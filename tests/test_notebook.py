@@ -1,5 +1,6 @@
 """The real notebook, executed headless with papermill, as CI and Kaggle users run it."""
 import json
+import math
 from pathlib import Path
 
 import datasets
@@ -147,3 +148,18 @@ def test_data_errors_name_the_file_and_the_fix(tmp_path, tokenizer_dir, case):
     with pytest.raises(papermill.PapermillExecutionError, match=message) as error:
         execute(tmp_path, preset="smoke", output_dir=str(tmp_path / "run"), **parameters)
     assert "site-packages" not in str(error.value)  # raised by nblib's checks, not deep in a library
+
+
+def test_fp16_with_a_grad_scaler_the_t4s_path_runs_through_the_notebook(tmp_path):
+    """precision='fp16' is what 'auto' picks on a T4; on a CPU it runs too (slowly), so CI covers it."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    nb = execute(tmp_path, preset="smoke", output_dir=str(run), precision="fp16", max_steps=10, eval_steps=5)
+    assert "precision fp16" in outputs_text(nb)
+    history = json.loads((run / "training_history.json").read_text())
+    assert all(math.isfinite(r["val_loss"]) for r in history) and history[-1]["val_loss"] < history[0]["val_loss"]
+    saved = torch.load(run / "checkpoints" / "checkpoint_epoch0_step10.pt", weights_only=True)
+    assert saved["scaler_state_dict"]["scale"] > 0 and saved["config"]["train"]["precision"] == "fp16"
+    weights = load_file(str(run / "final_model" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())

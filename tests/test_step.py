@@ -48,7 +48,7 @@ def nan_on_steps(monkeypatch):
     return install
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_a_nan_loss_skips_the_update_and_is_counted(tiny_config, nan_on_steps, precision):
     from dataclasses import replace
     cfg = replace(tiny_config, train=replace(tiny_config.train, precision=precision))
@@ -59,6 +59,24 @@ def test_a_nan_loss_skips_the_update_and_is_counted(tiny_config, nan_on_steps, p
     assert s.skipped_steps == 2 and math.isnan(s.step_losses[2]) and math.isnan(s.step_losses[3])
     assert result.history[0]["skipped_steps"] == 2
     assert step.weights_are_finite(net)
+
+
+def test_an_fp16_overflow_is_skipped_by_the_scaler_without_counting_as_a_bad_loss(tiny_config):
+    """A real overflow: a loss scale of 2**60 makes the fp16 backward overflow. The GradScaler skips
+    the update and halves the scale; the loss was finite, so no bad-loss streak begins."""
+    corpus = data.prepare(tiny_config)
+    device = hardware.detect("fp16")
+    net = model.build(tiny_config.model, corpus.tokenizer)
+    state = step.new_state(tiny_config, device, net, steps=12)
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    outcome = step.optimizer_step(state, corpus.blocks("train")[:8], device, max_grad_norm=1.0)
+    assert math.isfinite(outcome.loss) and not math.isfinite(outcome.grad_norm)
+    assert not outcome.applied and not outcome.bad_loss
+    assert state.scaler.get_scale() == 2.0 ** 59
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    state.scaler = torch.amp.GradScaler("cpu")  # an ordinary scale: the next step trains
+    assert step.optimizer_step(state, corpus.blocks("train")[8:16], device, max_grad_norm=1.0).applied
 
 
 def test_a_streak_of_bad_losses_stops_with_the_last_good_weights(tmp_path, wikitext_file, tokenizer_dir, nan_on_steps):

@@ -60,9 +60,10 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, wikitext_file, to
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, wikitext_file, tokenizer_dir, precision):
-    """Bitwise in fp32 on CPU; the issue allows 1e-5 relative under autocast, and it is bitwise too."""
+    """Bitwise in fp32 on CPU; the issue allows 1e-5 relative under autocast, and it is bitwise too.
+    In fp16 the GradScaler's state (scale and growth tracker) comes back with the rest."""
     # dropout on, so the restored RNG state matters too
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir), dropout=0.1,
                        precision=precision)
@@ -75,6 +76,10 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, wikitext_file, tokeniz
     resumed, resumed_net = run_tiny(resumed_cfg)
 
     assert resumed.state.step == full.state.step
+    if precision == "fp16":
+        saved = checkpoint.load(stopped_at)["scaler_state_dict"]
+        assert saved["_growth_tracker"] == 8 and resumed.state.scaler.state_dict()["_growth_tracker"] == 12
+        assert resumed.state.scaler.state_dict() == full.state.scaler.state_dict()
     assert resumed.state.step_losses == full.state.step_losses
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
