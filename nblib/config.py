@@ -8,7 +8,6 @@ import glob
 import importlib.util
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +21,8 @@ LORA_EXPORTS = ("merged", "adapter")
 SCRATCH = "scratch"
 BUILTIN_DATASETS = ("builtin:python-docs",)
 GPT2_VOCAB_SIZE = 50257
+GPT2_TOKENIZER = "openai-community/gpt2"  # the Hub's canonical id; "gpt2" is its legacy alias
+GPT2_TOKENIZERS = (GPT2_TOKENIZER, "gpt2")
 BPE_SPEC = re.compile(r"^bpe:(\d+)$")
 
 
@@ -30,7 +31,7 @@ class DataConfig:
     dataset: str  # Hub id, local path/glob, save_to_disk dir or builtin:python-docs
     dataset_config: str  # Hub configuration name, "" for none
     text_column: str  # column that holds the text
-    tokenizer: str  # "gpt2", "bpe:<vocab size>" or a saved tokenizer directory
+    tokenizer: str  # "openai-community/gpt2" (or "gpt2"), "bpe:<vocab size>" or a saved tokenizer directory
     stride: int | None = None  # tokens between block starts; None: max_length + 1 (disjoint)
     drop_remainder: bool = True  # False: a last block ends at the stream's end
     token_key: str = ""  # pre-tokenized JSONL: the key of the id lists ("": input_ids or tokens)
@@ -109,7 +110,7 @@ class RunConfig:
     report_to: str = "none"  # "none", "tensorboard" or "wandb"
     lora_export: str = "merged"  # final_model of a LoRA run: "merged" weights or the "adapter" alone
     sample_from: str = ""  # the generate cell's model: "" the one just trained, a directory or a .pt
-    started_at: float = field(default_factory=time.time)  # the notebook's start: the time budget counts from it
+    started_at: float = field(default_factory=paths.session_started_at)  # the time budget counts from it
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (stored in checkpoints and beside the run)."""
@@ -139,7 +140,7 @@ class RunConfig:
 PRESET_VALUES: dict[str, dict[str, Any]] = {
     # The Kaggle training guide's CONFIG, on WikiText-103 with the GPT-2 tokenizer.
     "kaggle-t4": dict(
-        dataset="Salesforce/wikitext", dataset_config="wikitext-103-raw-v1", tokenizer="gpt2",
+        dataset="Salesforce/wikitext", dataset_config="wikitext-103-raw-v1", tokenizer=GPT2_TOKENIZER,
         vocab_size=GPT2_VOCAB_SIZE, n_positions=512, n_embd=256, n_layer=8, n_head=8, n_inner=1024,
         dropout=0.0, batch_size=8, gradient_accumulation_steps=8, learning_rate=5e-4, weight_decay=0.01,
         max_grad_norm=1.0, epochs=3, max_steps=0, warmup_steps=500, max_length=512,
@@ -411,7 +412,7 @@ def _take_pretrained_shape(v: dict[str, Any], explicit: Mapping[str, Any]) -> li
                 f"({str(error).splitlines()[0]}); on Kaggle turn Internet on for Hub ids"]
     if pretrained.model_type != "gpt2":
         return [f"init_from={source!r}: a {pretrained.model_type} model; this notebook trains GPT-2 "
-                "models (gpt2, distilgpt2 or one saved by a previous run)"]
+                "models (openai-community/gpt2, distilbert/distilgpt2 or one saved by a previous run)"]
     shape = dict(vocab_size=pretrained.vocab_size, n_positions=pretrained.n_positions,
                  n_embd=pretrained.n_embd, n_layer=pretrained.n_layer, n_head=pretrained.n_head,
                  n_inner=pretrained.n_inner or 4 * pretrained.n_embd, tokenizer=source)
@@ -425,7 +426,7 @@ def _take_pretrained_shape(v: dict[str, Any], explicit: Mapping[str, Any]) -> li
 
 def tokenizer_vocab_size(spec: str) -> int | None:
     """The vocabulary a tokenizer spec will have, when knowable without loading heavy data."""
-    if spec == "gpt2":
+    if spec in GPT2_TOKENIZERS:
         return GPT2_VOCAB_SIZE
     match = BPE_SPEC.match(spec)
     if match:
@@ -452,8 +453,8 @@ def _validate_tokenizer(spec: str, vocab_size: int | None) -> list[str]:
     match = BPE_SPEC.match(spec)
     if match and not 260 <= int(match.group(1)) <= 1_000_000:
         return [f"tokenizer={spec!r}: bpe vocabulary must be between 260 and 1000000"]
-    if not match and spec != "gpt2" and not (Path(spec) / "tokenizer_config.json").is_file():
-        return [f"tokenizer={spec!r}: must be 'gpt2', 'bpe:<vocab size>' (e.g. 'bpe:8192') "
+    if not match and spec not in GPT2_TOKENIZERS and not (Path(spec) / "tokenizer_config.json").is_file():
+        return [f"tokenizer={spec!r}: must be '{GPT2_TOKENIZER}', 'bpe:<vocab size>' (e.g. 'bpe:8192') "
                 "or a directory saved with tokenizer.save_pretrained"]
     if vocab_size is None:
         return []

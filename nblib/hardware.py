@@ -111,17 +111,27 @@ def check_kernels(name: str, capability: tuple[int, int], arch_list: list[str]) 
             "notebook's settings and choose Accelerator: GPU T4.")
 
 
-def cpu_warning(cfg: RunConfig, device: Device) -> str:
-    """A warning for the GPU preset on a CPU, with a rough time estimate; "" when there is none."""
+def cpu_check(cfg: RunConfig, device: Device) -> str:
+    """The GPU preset on a CPU: refused for its whole run (Import Notebook without an accelerator
+    lands there), a warning with a time estimate when `max_steps` asks for a bounded run; "" for
+    anything else.
+
+    Raises:
+        ValueError: preset 'kaggle-t4' on a CPU with max_steps=0 (its full epochs).
+    """
     if device.is_cuda or cfg.preset != "kaggle-t4":
         return ""
     t = cfg.train
     tokens = t.max_steps * t.tokens_per_step or t.epochs * WIKITEXT103_TRAIN_TOKENS
     hours = tokens / CPU_TOKENS_PER_SECOND / 3600
-    return (f"WARNING: preset 'kaggle-t4' is meant for a GPU, and this machine has none. At about "
-            f"{CPU_TOKENS_PER_SECOND} tokens/s (measured on a 2-core CPU) its {tokens / 1e6:,.0f}M "
-            f"training tokens would take about {hours:,.0f} hours. Choose GPU T4 in the notebook's "
-            "settings, or use preset='cpu-demo' (about 10 minutes on a CPU).")
+    estimate = (f"preset 'kaggle-t4' is meant for a GPU, and this machine has none. At about "
+                f"{CPU_TOKENS_PER_SECOND} tokens/s (measured on a 2-core CPU) its {tokens / 1e6:,.0f}M "
+                f"training tokens would take about {hours:,.0f} hours.")
+    if not t.max_steps:
+        raise ValueError(f"{estimate} On Kaggle: Settings -> Accelerator -> GPU T4 x2, then Run All. "
+                         "Here: preset='cpu-demo' (about 10 minutes on a CPU), or set max_steps to "
+                         "train this preset for that many steps on the CPU anyway.")
+    return f"WARNING: {estimate} Choose GPU T4 x2 in the notebook's settings, or use preset='cpu-demo'."
 
 
 def _cpu_precision(precision: str, features: tuple[str, ...]) -> str:

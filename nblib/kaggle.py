@@ -82,12 +82,26 @@ def stage(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     meta = json.loads(METADATA.read_text())
     meta["code_file"] = NOTEBOOK.name
-    nbformat.write(embed_nblib(nbformat.read(NOTEBOOK, as_version=4)), out / NOTEBOOK.name)
+    nb = embed_nblib(nbformat.read(NOTEBOOK, as_version=4))
+    nb.metadata["kaggle"] = notebook_settings(meta)
+    nbformat.write(nb, out / NOTEBOOK.name)
     problems = validate_metadata(meta, out)
     if problems:
         raise ValueError("kaggle-metadata.json would be refused:\n  - " + "\n  - ".join(problems))
     (out / "kernel-metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def notebook_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The notebook's own `kaggle` metadata, as Kaggle writes it into a notebook it exports: Import
+    Notebook reads the accelerator and Internet settings from it (kernel-metadata.json is only
+    read by `kaggle kernels push`). "nvidiaTeslaT4" is the GPU T4 x2 accelerator."""
+    settings = {"dataSources": [], "isGpuEnabled": bool(meta.get("enable_gpu")),
+                "isInternetEnabled": bool(meta.get("enable_internet")), "language": "python",
+                "sourceType": "notebook"}
+    if meta.get("machine_shape") == "NvidiaTeslaT4":
+        settings["accelerator"] = "nvidiaTeslaT4"
+    return settings
 
 
 def embed_nblib(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:

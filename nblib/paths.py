@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 KAGGLE_WORKING = Path("/kaggle/working")
@@ -17,6 +18,24 @@ def on_kaggle() -> bool:
 def default_output_dir(preset: str) -> Path:
     """`/kaggle/working` on Kaggle, else `runs/<preset>` under the current directory."""
     return KAGGLE_WORKING if on_kaggle() else Path("runs") / preset
+
+
+def session_started_at() -> float:
+    """When the session's clock started (the time budget counts from it): on Kaggle the
+    container's start, process 1's, which the 12-hour limit counts from; elsewhere this process's
+    (the kernel's), so re-running the setup cell never gives a run a fresh budget."""
+    return process_started_at(1 if on_kaggle() else os.getpid()) or time.time()
+
+
+def process_started_at(pid: int) -> float | None:
+    """A process's start as a Unix time, from /proc (None where there is no /proc)."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def find_in_inputs(pattern: str) -> list[Path]:

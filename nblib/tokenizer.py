@@ -14,7 +14,7 @@ END_OF_TEXT = "<|endoftext|>"
 
 
 def load(spec: str, training_texts: Iterable[str] = ()) -> PreTrainedTokenizerFast:
-    """'gpt2' (Hub), 'bpe:N' (trained on `training_texts`) or a saved tokenizer directory."""
+    """'openai-community/gpt2' (Hub), 'bpe:N' (trained on `training_texts`) or a saved tokenizer directory."""
     match = BPE_SPEC.match(spec)
     if match:
         return train_bpe(training_texts, int(match.group(1)))
@@ -22,7 +22,7 @@ def load(spec: str, training_texts: Iterable[str] = ()) -> PreTrainedTokenizerFa
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except OSError as error:
         raise RuntimeError(f"could not load tokenizer={spec!r}: on Kaggle turn Internet on for "
-                           "'gpt2'; offline use 'bpe:<vocab size>' or a saved directory") from error
+                           "Hub ids; offline use 'bpe:<vocab size>' or a saved directory") from error
     if not tokenizer.is_fast or tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer={spec!r}: need a fast tokenizer with an end-of-text "
                          f"(eos) token, got {type(tokenizer).__name__} eos={tokenizer.eos_token!r}")

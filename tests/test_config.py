@@ -27,7 +27,7 @@ def test_parameters_override_the_preset_and_a_notebooks_other_names_are_ignored(
     ({"warmup_steps": -5}, r"warmup_steps=-5: must be >= 0"),
     ({"learning_rate": 0.0}, r"learning_rate=0.0: must be > 0"),
     ({"precision": "fp8"}, r"precision='fp8': must be one of auto, fp32, fp16, bf16"),
-    ({"tokenizer": "bpe:lots"}, r"tokenizer='bpe:lots': must be 'gpt2', 'bpe:<vocab size>'"),
+    ({"tokenizer": "bpe:lots"}, r"tokenizer='bpe:lots': must be 'openai-community/gpt2', 'bpe:<vocab size>'"),
     ({"tokenizer": "bpe:100"}, r"bpe vocabulary must be between 260"),
     ({"tokenizer": "gpt2", "vocab_size": 1000}, r"vocab_size=1000: smaller than the tokenizer's 50257"),
     ({"tokenizer": "bpe:4096", "vocab_size": 4000}, r"vocab_size=4000: smaller than the tokenizer's 4096"),

@@ -35,13 +35,15 @@ def test_a_gpu_without_kernels_in_this_torch_is_refused_with_the_fix():
         hardware.check_kernels("Tesla P100-PCIE-16GB", (6, 0), archs)
 
 
-def test_the_gpu_preset_on_a_cpu_warns_with_an_estimate(tmp_path):
+def test_the_gpu_preset_on_a_cpu_is_refused_unless_max_steps_bounds_it(tmp_path):
     from nblib import config
     cpu = hardware.Device(torch.device("cpu"), "fp32")
-    warning = hardware.cpu_warning(config.resolve({"preset": "kaggle-t4", "output_dir": str(tmp_path)}), cpu)
-    assert "meant for a GPU" in warning and "360M training tokens would take about 167 hours" in warning
-    assert "preset='cpu-demo'" in warning
-    assert hardware.cpu_warning(config.resolve({"preset": "smoke", "output_dir": str(tmp_path)}), cpu) == ""
+    with pytest.raises(ValueError, match=r"meant for a GPU.*360M training tokens would take about 167 "
+                                         r"hours.*GPU T4 x2.*preset='cpu-demo'.*set max_steps"):
+        hardware.cpu_check(config.resolve({"preset": "kaggle-t4", "output_dir": str(tmp_path)}), cpu)
+    bounded = config.resolve({"preset": "kaggle-t4", "output_dir": str(tmp_path), "max_steps": 100})
+    assert "WARNING: preset 'kaggle-t4' is meant for a GPU" in hardware.cpu_check(bounded, cpu)
+    assert hardware.cpu_check(config.resolve({"preset": "smoke", "output_dir": str(tmp_path)}), cpu) == ""
 
 
 class FakeT4:

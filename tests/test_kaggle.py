@@ -39,6 +39,9 @@ def test_stage_writes_a_push_ready_folder(tmp_path):
     meta = json.loads((out / "kernel-metadata.json").read_text())
     assert meta["code_file"] == kaggle.NOTEBOOK.name and (out / meta["code_file"]).is_file()
     assert kaggle.validate_metadata(meta, out) == []
+    staged = json.loads((out / meta["code_file"]).read_text())["metadata"]["kaggle"]
+    assert staged == {"accelerator": "nvidiaTeslaT4", "dataSources": [], "isGpuEnabled": True,
+                      "isInternetEnabled": True, "language": "python", "sourceType": "notebook"}
 
 
 def test_the_staged_notebook_trains_where_nblib_is_not_importable(tmp_path):

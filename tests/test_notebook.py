@@ -163,3 +163,12 @@ def test_fp16_with_a_grad_scaler_the_t4s_path_runs_through_the_notebook(tmp_path
     assert saved["scaler_state_dict"]["scale"] > 0 and saved["config"]["train"]["precision"] == "fp16"
     weights = load_file(str(run / "final_model" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_run_all_with_the_default_gpu_preset_on_a_cpu_stops_in_the_setup_cell(tmp_path):
+    """Import Notebook without choosing an accelerator lands on a CPU: the default job would take
+    days there, so Run All stops at once and says what to choose."""
+    with pytest.raises(papermill.PapermillExecutionError,
+                       match=r"preset 'kaggle-t4' is meant for a GPU.*Settings -> Accelerator -> GPU T4 x2"):
+        execute(tmp_path, output_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -32,3 +32,12 @@ def test_a_data_parallel_worker_never_escalates_a_repeated_signal():
         signal.raise_signal(signal.SIGTERM)  # forwarded by the notebook's process
         signal.raise_signal(signal.SIGINT)  # and the interrupt button's, through the process group
         assert flag.signal_name == "SIGTERM"
+
+
+def test_the_session_clock_is_the_containers_on_kaggle_and_this_processs_elsewhere(monkeypatch):
+    import os
+    from nblib import config, paths
+    assert paths.session_started_at() == paths.process_started_at(os.getpid()) <= time.time()
+    assert config.resolve({"preset": "smoke"}).started_at == paths.session_started_at()  # setup re-run: same clock
+    monkeypatch.setattr(paths, "on_kaggle", lambda: True)
+    assert paths.session_started_at() == paths.process_started_at(1) < paths.process_started_at(os.getpid())
