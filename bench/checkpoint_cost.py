@@ -18,13 +18,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nblib import checkpoint, config, hardware, model, step  # noqa: E402
-from throughput import FakeTokenizer  # noqa: E402
+
+
+class SizedTokenizer:
+    """All model.build needs of a tokenizer: its size and end-of-text id."""
+
+    def __init__(self, vocab: int):
+        self.vocab, self.eos_token_id, self.bos_token_id = vocab, vocab - 1, vocab - 1
+
+    def __len__(self) -> int:
+        return self.vocab
 
 
 def main() -> None:
     cfg = config.resolve({"preset": "kaggle-t4", "output_dir": tempfile.mkdtemp(), "gradient_accumulation_steps": 1})
     device = hardware.detect(cfg.train.precision)
-    net = model.build(cfg.model, FakeTokenizer(cfg.model.vocab_size))
+    net = model.build(cfg.model, SizedTokenizer(cfg.model.vocab_size))
     state = step.new_state(cfg, device, net, 100)
     blocks = np.random.default_rng(0).integers(0, 50256, size=(cfg.train.batch_size, cfg.train.max_length + 1))
     step.optimizer_step(state, blocks, device, 1.0)  # AdamW's moments now exist

@@ -21,20 +21,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import config, data, hardware, model, state, step, train  # noqa: E402
+from nblib import config, data, hardware, model, state, step, tokenizer, train  # noqa: E402
 
 SIZES = {  # the smoke preset's model, and the guide's model with a 128-token block
     "smoke": dict(preset="smoke", vocab_size=512, batch_size=16, gradient_accumulation_steps=1),
     "guide": dict(preset="kaggle-t4", max_length=128, batch_size=8, gradient_accumulation_steps=1),
 }
-
-
-class FakeTokenizer:
-    def __init__(self, vocab: int):
-        self.vocab, self.eos_token_id, self.bos_token_id = vocab, vocab - 1, vocab - 1
-
-    def __len__(self) -> int:
-        return self.vocab
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -58,7 +50,9 @@ def make_corpus(cfg: config.RunConfig, vocab: int, blocks: int) -> data.Corpus:
     rng = np.random.default_rng(0)
     flat = rng.integers(0, vocab - 1, size=blocks * (cfg.train.max_length + 1)).astype(np.uint16)
     tokens = {"train": flat, "validation": flat[: 4 * (cfg.train.max_length + 1)], "test": flat[:1]}
-    return data.Corpus(FakeTokenizer(vocab), Path(tempfile.mkdtemp()), tokens, cfg.train.max_length)
+    # Random ids over the model's vocabulary; a small real tokenizer for the samples and the fingerprint.
+    small = tokenizer.train_bpe(["the river city was built in the north by an old king"] * 50, 300)
+    return data.Corpus(small, Path(tempfile.mkdtemp()), tokens, cfg.train.max_length)
 
 
 def run_nblib(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: int) -> float:
