@@ -9,7 +9,6 @@ last checkpoint, so the notebook's `model` and `result` look as they do after a 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import gc
@@ -19,6 +18,8 @@ import logging.handlers
 import os
 import signal
 import socket
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -101,9 +102,31 @@ def launch(cfg, device: Device, model: torch.nn.Module):
     """
     from . import checkpoint, step, train  # train imports this module
 
+    # The weights go through a file, not the process arguments: those would put every tensor in
+    # /dev/shm, which Docker sizes at 64 MB (the guide model's embedding alone is 49 MB).
+    handle, name = tempfile.mkstemp(prefix="nblib-workers-", suffix=".pt")
+    os.close(handle)
+    weights = Path(name)
+    try:
+        torch.save(model.cpu(), weights)
+        outcome, signal_name = _supervise(cfg, device, weights)
+    finally:
+        weights.unlink(missing_ok=True)
+    state = step.new_state(cfg, dataclasses.replace(device, world_size=1), model, outcome["total_steps"])
+    state.load_state_dict(checkpoint.load(outcome["saved"]))
+    return train.RunResult(state, train.StopReason(outcome["stop_reason"]), cfg.output_dir,
+                           outcome["elapsed_seconds"], signal_name or outcome["signal_name"],
+                           outcome["total_steps"])
+
+
+def _supervise(cfg, device: Device, weights: Path) -> tuple[dict, str | None]:
+    """Start the workers, relay rank 0's progress and logs, forward an interrupt; returns rank
+    0's outcome and the signal that interrupted this process, if any."""
+    from . import train
+
     messages = mp.get_context("spawn").SimpleQueue()
     context = mp.start_processes(
-        _worker, args=(device.world_size, _free_port(), cfg, device, model.cpu(), messages),
+        _worker, args=(device.world_size, _free_port(), cfg, device, weights, messages),
         nprocs=device.world_size, join=False, start_method="spawn")
     interrupt, forwarded, outcome = stopping.InterruptFlag(), False, None
     with interrupt.installed(), train.progress_bar(total=None, initial=0) as bar:
@@ -123,17 +146,17 @@ def launch(cfg, device: Device, model: torch.nn.Module):
                     process.terminate()
     if outcome is None:
         raise RuntimeError("the training workers ended without a result")
-    state = step.new_state(cfg, dataclasses.replace(device, world_size=1), model, outcome["total_steps"])
-    state.load_state_dict(checkpoint.load(outcome["saved"]))
-    return train.RunResult(state, train.StopReason(outcome["stop_reason"]), cfg.output_dir,
-                           outcome["elapsed_seconds"], interrupt.signal_name or outcome["signal_name"],
-                           outcome["total_steps"])
+    return outcome, interrupt.signal_name
 
 
 def _handle(message: tuple, bar) -> dict | None:
     kind, payload = message
     if kind == "log":
         logging.getLogger(payload.name).handle(payload)
+    elif kind == "start":  # the run's length, and the step a resume starts from
+        bar.reset(total=payload["total"])
+        bar.initial = bar.n = bar.last_print_n = payload["initial"]
+        bar.refresh()
     elif kind == "progress":
         bar.total = payload["total"]
         bar.set_postfix(payload["postfix"], refresh=False)
@@ -150,6 +173,7 @@ class ProgressToParent:
         self.messages, self.total, self.n, self.postfix = messages, total, initial, {}
 
     def __enter__(self) -> "ProgressToParent":
+        self.messages.put(("start", {"total": self.total, "initial": self.n}))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -163,8 +187,7 @@ class ProgressToParent:
         self.messages.put(("progress", {"step": self.n, "total": self.total, "postfix": self.postfix}))
 
 
-def _worker(rank: int, world_size: int, port: int, cfg, device: Device, model: torch.nn.Module,
-            messages) -> None:
+def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights: Path, messages) -> None:
     from . import data, train
 
     _log_to_parent(messages, rank)
@@ -179,8 +202,8 @@ def _worker(rank: int, world_size: int, port: int, cfg, device: Device, model: t
     try:
         device = dataclasses.replace(device, rank=rank, device=torch.device("cuda", rank) if device.is_cuda
                                      else device.device)
-        result = train.run(cfg, device, copy.deepcopy(model), data.prepare(cfg),
-                           messages=messages if rank == 0 else None)
+        model = torch.load(weights, weights_only=False)  # the parent's model, written a moment ago
+        result = train.run(cfg, device, model, data.prepare(cfg), messages=messages if rank == 0 else None)
         if rank == 0:
             messages.put(("result", {
                 "stop_reason": result.stop_reason.value, "elapsed_seconds": result.elapsed_seconds,

@@ -149,3 +149,30 @@ def test_lora_fine_tune_in_two_processes(tmp_path, pretrained_dir, wikitext_file
     assert result.stop_reason is train.StopReason.COMPLETED and result.state.step == 6
     saved = final_state(cfg.output_dir)
     assert saved["world_size"] == 2 and any("lora_B" in key for key in saved["model_state_dict"])
+
+
+def test_the_parents_bar_starts_at_the_resumed_step_with_the_runs_total():
+    import io
+    from tqdm import tqdm
+    bar = tqdm(total=None, file=io.StringIO())
+    distributed._handle(("start", {"total": 60, "initial": 20}), bar)
+    assert (bar.total, bar.n) == (60, 20)
+    distributed._handle(("progress", {"step": 21, "total": 60, "postfix": {}}), bar)
+    assert bar.n == 21
+
+
+def test_workers_get_the_weights_through_a_file_not_shared_memory(tiny_config, monkeypatch):
+    """Tensors in mp.start_processes arguments go through /dev/shm (64 MB in Docker by default)."""
+    from nblib import data, hardware, model
+    corpus = data.prepare(tiny_config)
+    seen = {}
+
+    def capture(worker, args, **kwargs):
+        seen["args"] = args
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(distributed.mp, "start_processes", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        distributed.launch(tiny_config, hardware.detect("fp32", devices=2), model.build(tiny_config.model, corpus.tokenizer))
+    assert not any(isinstance(a, (torch.Tensor, torch.nn.Module)) for a in seen["args"])
+    assert not seen["args"][4].exists()  # the weights file is gone once the launch ends
