@@ -112,17 +112,6 @@ def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device) 
     return loss_sum
 
 
-def synchronize_gradients(state: TrainState, blocks: np.ndarray, device: Device) -> None:
-    """Have DDP average the gradients accumulated under `no_sync` over the ranks: one token goes
-    through the wrapper with sync on and a zero loss, and its backward hooks all-reduce every
-    gradient. The one-token pass is too small to run out of memory, so every OOM happens in
-    `accumulate_gradients`, where the ranks can agree on it."""
-    if state.ddp is None:
-        return
-    inputs, targets = to_batch(blocks[:1, :2], device)
-    _backward(state, loss_of(state.forward_module, inputs, targets, device) * 0.0)
-
-
 def _backward(state: TrainState, loss: torch.Tensor) -> None:
     (state.scaler.scale(loss) if state.scaler else loss).backward()  # fp16 scales the loss first
 
@@ -137,7 +126,8 @@ def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_gr
     reset = partial(optimizer.zero_grad, set_to_none=True)
     loss_sum = memory.retry_on_oom(state, len(blocks), lambda: accumulate_gradients(state, blocks, device),
                                    reset, agree=lambda oom: distributed.any_rank(oom, device))
-    synchronize_gradients(state, blocks, device)
+    if state.ddp is not None:  # after the ranks agreed on OOM: no rank waits on one that backs off
+        distributed.average_gradients(state.model)
     loss_sum = distributed.mean_over_ranks(loss_sum)  # every rank takes the same skip decision
     if state.scaler:
         state.scaler.unscale_(optimizer)
