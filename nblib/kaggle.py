@@ -93,9 +93,10 @@ def stage(out: Path) -> Path:
 
 
 def notebook_settings(meta: dict[str, Any]) -> dict[str, Any]:
-    """The notebook's own `kaggle` metadata, as Kaggle writes it into a notebook it exports: Import
-    Notebook reads the accelerator and Internet settings from it (kernel-metadata.json is only
-    read by `kaggle kernels push`). "nvidiaTeslaT4" is the GPU T4 x2 accelerator."""
+    """The notebook's own `kaggle` metadata, in the form Kaggle writes into the notebooks it
+    exports (read from public exported notebooks), for Import Notebook, which gets no
+    kernel-metadata.json. "nvidiaTeslaT4" is the GPU T4 x2 accelerator. Whether Import Notebook
+    applies it could not be checked here (Kaggle is unreachable)."""
     settings = {"dataSources": [], "isGpuEnabled": bool(meta.get("enable_gpu")),
                 "isInternetEnabled": bool(meta.get("enable_internet")), "language": "python",
                 "sourceType": "notebook"}

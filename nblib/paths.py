@@ -22,8 +22,8 @@ def default_output_dir(preset: str) -> Path:
 
 def session_started_at() -> float:
     """When the session's clock started (the time budget counts from it): on Kaggle the
-    container's start, process 1's, which the 12-hour limit counts from; elsewhere this process's
-    (the kernel's), so re-running the setup cell never gives a run a fresh budget."""
+    container's start (process 1's), the session's; elsewhere this process's (the kernel's), so
+    re-running the setup cell never gives a run a fresh budget."""
     return process_started_at(1 if on_kaggle() else os.getpid()) or time.time()
 
 
