@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from . import files
-from .config import RunConfig
+from .config import GPT2_TOKENIZERS, RunConfig
 
 MANIFEST = "bundle_manifest.json"
 EXPECTED = ("train.bin", "validation.bin", "test.bin", "meta.json", "tokenizer/tokenizer.json",
@@ -55,7 +55,7 @@ def verify(directory: Path, cfg: RunConfig) -> None:
         elif path.stat().st_size != expected["size"] or files.sha256(path) != expected["sha256"]:
             problems.append(f"{name}: its checksum does not match the manifest (altered or truncated)")
     tokenizer = cfg.data.tokenizer
-    if manifest["tokenizer"] != tokenizer:
+    if {manifest["tokenizer"], tokenizer} - set(GPT2_TOKENIZERS) and manifest["tokenizer"] != tokenizer:
         problems.append(f"tokenizer: bundle {manifest['tokenizer']!r}, run {tokenizer!r}")
     if manifest["max_length"] != cfg.train.max_length:
         problems.append(f"max_length: bundle {manifest['max_length']}, run {cfg.train.max_length}")

@@ -9,7 +9,7 @@ import shutil
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -185,8 +185,11 @@ def candidates(run_dir: Path) -> list[tuple[Path, dict[str, Any] | None]]:
     return [(path, loaded) for _, path, loaded in sorted(found, key=lambda f: f[0], reverse=True)]
 
 
-def find_resume(run_dir: Path, resume_from_checkpoint: str) -> tuple[Path, dict[str, Any]] | None:
-    """Resolve `resume_from_checkpoint` ("", a path or "auto") to a loaded checkpoint.
+def find_resume(run_dir: Path, resume_from_checkpoint: str,
+                accept: Callable[[Path, dict[str, Any]], bool] = lambda path, saved: True,
+                ) -> tuple[Path, dict[str, Any]] | None:
+    """Resolve `resume_from_checkpoint` ("", a path or "auto") to a loaded checkpoint; with
+    "auto", a candidate that `accept` turns down is passed over for the next older one.
 
     Raises:
         ValueError: "" (a fresh run) while `run_dir` already holds checkpoints.
@@ -208,7 +211,8 @@ def find_resume(run_dir: Path, resume_from_checkpoint: str) -> tuple[Path, dict[
         except CheckpointError as error:
             log.warning("skipping %s", error)
             continue
-        return path, checkpoint
+        if accept(path, checkpoint):
+            return path, checkpoint
     return None
 
 

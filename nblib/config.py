@@ -215,7 +215,8 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
         ValueError: naming every offending parameter, its value and what is allowed; a name
             that is no parameter (a misspelling) is one of them.
     """
-    unknown = [_unknown(name) for name in sorted(passed_names(params) - set(PARAMETERS))]
+    unknown = [_unknown(name) for name in sorted(passed_names(params) - set(PARAMETERS))
+               if not name.startswith("PAPERMILL_")]  # papermill --inject-paths adds these
     if unknown:
         raise ValueError(_format(unknown))
     given = {k: params[k] for k in PARAMETERS if k in params}

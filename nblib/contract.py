@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
-from .config import PARAMETERS, RunConfig
+from .config import GPT2_TOKENIZER, GPT2_TOKENIZERS, PARAMETERS, RunConfig
 from .state import TrainState, global_batch_of
 
 log = logging.getLogger(__name__)
@@ -131,11 +131,11 @@ def check(saved: dict[str, Any], cfg: RunConfig, world_size: int, corpus=None,
         problems.append(problem)
     if problems:
         raise RunMismatch(
-            f"{path} is a checkpoint of another run (step {saved.get('step')}):\n  - "
+            f"{path} (step {saved.get('step')}) cannot be continued with this run's settings:\n  - "
             + "\n  - ".join(problems)
             + f"\nResuming it would mix two runs. To continue it, set these back. To keep both, "
               f"give this run another output_dir; to replace it, move its files (checkpoints/, "
-              f"{checkpoint.BEST_MODEL}, {checkpoint.EMERGENCY}) out of {cfg.output_dir}.")
+              f"{checkpoint.BEST_MODEL}, {checkpoint.EMERGENCY}) out of {_run_folder(path)}.")
     return [Change(name, old[name], new[name]) for name, (kind, _) in RULES.items()
             if kind == APPLIED and name in old and old[name] != new[name]]
 
@@ -143,8 +143,11 @@ def check(saved: dict[str, Any], cfg: RunConfig, world_size: int, corpus=None,
 def fingerprint_of(values: dict[str, Any]) -> dict[str, Any]:
     """The shape part of a fingerprint, from parameter values (an older checkpoint's config has
     no fingerprint of its own). `vocab_size=None` means the tokenizer's: known with the data."""
-    return {name: values[name] for name in SHAPE
-            if name in values and not (name == "vocab_size" and values[name] is None)}
+    shape = {name: values[name] for name in SHAPE
+             if name in values and not (name == "vocab_size" and values[name] is None)}
+    if shape.get("init_from") in GPT2_TOKENIZERS:  # "gpt2" is the Hub's old alias of the same model
+        shape["init_from"] = GPT2_TOKENIZER
+    return shape
 
 
 def _global_batch_problem(saved: dict, old: dict, cfg: RunConfig, world_size: int) -> str | None:
@@ -152,9 +155,13 @@ def _global_batch_problem(saved: dict, old: dict, cfg: RunConfig, world_size: in
     count in it. `devices` may change (the batch is shared anew); a new `batch_size` x
     `gradient_accumulation_steps` must keep it."""
     t = cfg.train
+    kept = global_batch_of(saved)
     if (old.get("batch_size"), old.get("gradient_accumulation_steps")) == (t.batch_size, t.gradient_accumulation_steps):
+        if kept % world_size:
+            return (f"devices: the checkpoint's global batch of {kept} blocks cannot be shared "
+                    f"evenly by {world_size} processes; use devices={saved.get('world_size', 1)}")
         return None
-    wanted, kept = t.effective_batch * world_size, global_batch_of(saved)
+    wanted = t.effective_batch * world_size
     if wanted == kept:
         return None
     return (f"global batch: checkpoint {kept} blocks per optimizer step, this run {t.batch_size} x "
@@ -163,13 +170,13 @@ def _global_batch_problem(saved: dict, old: dict, cfg: RunConfig, world_size: in
             f"gradient_accumulation_steps x processes = {kept})")
 
 
-def resume(state: TrainState, path: Path, saved: dict, cfg: RunConfig, world_size: int,
-           changes: list[Change]) -> None:
+def resume(state: TrainState, path: Path, saved: dict, changes: list[Change], cfg: RunConfig,
+           world_size: int) -> None:
     """Load a checkpoint into `state`, then apply the allowed changes: the micro-batch split, the
     optimizer's learning rate and weight decay, the schedule derived again. Each change is logged
     and kept in the history's events."""
     state.load_state_dict(saved)
-    _split_global_batch(state, cfg, world_size, path,
+    _split_global_batch(state, cfg, world_size,
                         new_split=any(c.name in ("batch_size", "gradient_accumulation_steps") for c in changes))
     scheduler, groups = state.scheduler, state.optimizer.param_groups
     groups[0]["weight_decay"] = cfg.train.weight_decay  # group 0: the matrices; biases and norms stay at 0
@@ -185,20 +192,15 @@ def resume(state: TrainState, path: Path, saved: dict, cfg: RunConfig, world_siz
                              "old": change.old, "new": change.new})
 
 
-def _split_global_batch(state: TrainState, cfg: RunConfig, world_size: int, path: Path,
-                        new_split: bool) -> None:
+def _split_global_batch(state: TrainState, cfg: RunConfig, world_size: int, new_split: bool) -> None:
     """The checkpoint's global batch over `world_size` processes: the configured split when it
     was changed, else the checkpoint's (OOM back-offs kept), with accumulation scaled when the
     number of processes changed."""
     t = cfg.train
     if new_split:
         state.batch_size, state.gradient_accumulation_steps = t.batch_size, t.gradient_accumulation_steps
-    elif state.world_size != world_size:
-        per_rank, rest = divmod(state.global_batch, world_size)
-        if rest:
-            raise RunMismatch(f"{path} trained with a global batch of {state.global_batch} blocks, "
-                              f"which {world_size} processes cannot share evenly; use devices="
-                              f"{state.world_size}")
+    elif state.world_size != world_size:  # check() made sure the processes share it evenly
+        per_rank = state.global_batch // world_size
         accumulation = max(1, state.gradient_accumulation_steps * state.world_size // world_size)
         state.gradient_accumulation_steps = min(accumulation, per_rank)
         state.batch_size = math.ceil(per_rank / state.gradient_accumulation_steps)
@@ -209,6 +211,34 @@ def _split_global_batch(state: TrainState, cfg: RunConfig, world_size: int, path
     state.world_size = world_size
 
 
+def find(cfg: RunConfig, world_size: int, corpus=None) -> tuple[Path, dict, list[Change]] | None:
+    """The checkpoint this run continues, and the changes to apply to it. With "auto", another
+    run's checkpoint found in an attached input (/kaggle/input) is passed over with a warning;
+    one in `output_dir`, or given by path, is refused.
+
+    Raises:
+        RunMismatch: naming each difference, old and new.
+        ValueError: `resume_from_checkpoint=""` while `output_dir` holds checkpoints.
+    """
+    def accept(path: Path, saved: dict) -> bool:
+        try:
+            check(saved, cfg, world_size, corpus, path)
+        except RunMismatch as error:
+            if Path(cfg.output_dir).resolve() in Path(path).resolve().parents:
+                raise
+            log.warning("passing over %s, an attached checkpoint of another run (%s)", path,
+                        str(error).splitlines()[1].strip(" -"))
+            return False
+        return True
+
+    found = checkpoint.find_resume(cfg.output_dir, cfg.resume_from_checkpoint,
+                                   accept if cfg.resume_from_checkpoint == "auto" else lambda *_: True)
+    if found is None:
+        return None
+    path, saved = found
+    return path, saved, check(saved, cfg, world_size, corpus, path)
+
+
 def preview(cfg: RunConfig, world_size: int) -> str:
     """What the train cell will do with `output_dir`, checked before any data work.
 
@@ -216,13 +246,17 @@ def preview(cfg: RunConfig, world_size: int) -> str:
         RunMismatch: the checkpoint it would resume belongs to another run.
         ValueError: `resume_from_checkpoint=""` while `output_dir` holds checkpoints.
     """
-    found = checkpoint.find_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    found = find(cfg, world_size)
     if found is None:
         return f"a new run in {cfg.output_dir}"
-    path, saved = found
-    check(saved, cfg, world_size, path=path)
-    return (f"continuing the run in {path} from step {saved['step']} (its tokenizer and data are "
-            "compared once they are loaded)")
+    return (f"continuing the run in {found[0]} from step {found[1]['step']} (its tokenizer and data "
+            "are compared once they are loaded)")
+
+
+def _run_folder(path: Path) -> Path:
+    """The run directory a checkpoint file belongs to."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
 def _digest(value: Any) -> str:

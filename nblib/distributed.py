@@ -71,15 +71,13 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 def average_gradients(model: torch.nn.Module) -> None:
-    """Average the gradients accumulated under DDP's `no_sync` over the ranks, in one all-reduce
-    of a flat buffer (the exchange DDP's hooks would do, but only once every rank is past its
-    micro-steps, so an OOM backed off on one rank never leaves another waiting in a collective)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(averaged)
+    """Average the gradients accumulated under DDP's `no_sync` over the ranks, in place (the
+    exchange DDP's hooks would do, but only once every rank is past its micro-steps, so an OOM
+    backed off on one rank never leaves another waiting in a collective)."""
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= dist.get_world_size()
 
 
 def check_in_sync(model: torch.nn.Module, step: int, device: Device) -> None:

@@ -76,8 +76,11 @@ def save_portable_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path,
 
 
 def _is_byte_level_bpe(tokenizer: PreTrainedTokenizerFast) -> bool:
+    """GPT-2's own layout, which GPT2Tokenizer reproduces: a BPE after a plain ByteLevel split."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    return spec["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    pre = spec.get("pre_tokenizer") or {}
+    return (spec["model"]["type"] == "BPE" and pre.get("type") == "ByteLevel"
+            and not pre.get("add_prefix_space", False))
 
 
 def summary(run_dir: Path) -> str:

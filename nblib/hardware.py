@@ -127,7 +127,7 @@ def cpu_check(cfg: RunConfig, device: Device) -> str:
     estimate = (f"preset 'kaggle-t4' is meant for a GPU, and this machine has none. At about "
                 f"{CPU_TOKENS_PER_SECOND} tokens/s (measured on a 2-core CPU) its {tokens / 1e6:,.0f}M "
                 f"training tokens would take about {hours:,.0f} hours.")
-    if not t.max_steps:
+    if not t.max_steps and not cfg.dry_run:
         raise ValueError(f"{estimate} On Kaggle: Settings -> Accelerator -> GPU T4 x2, then Run All. "
                          "Here: preset='cpu-demo' (about 10 minutes on a CPU), or set max_steps to "
                          "train this preset for that many steps on the CPU anyway.")

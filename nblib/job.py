@@ -16,13 +16,14 @@ def run(params: Mapping[str, Any]) -> train.RunResult:
     cfg = config.resolve(params)
     device = hardware.detect(cfg.train.precision, cfg.devices)
     state.seed_everything(cfg.train.seed)
-    lock.hold(cfg.output_dir)
+    taken = lock.hold(cfg.output_dir)
     try:
         logging.getLogger(__name__).info(contract.preview(cfg, device.world_size))
         corpus = data.prepare(cfg)
         return train.run(cfg, device, model.build(cfg.model, corpus.tokenizer), corpus)
     finally:
-        lock.release(cfg.output_dir)
+        if taken:  # a notebook that held the folder already keeps it
+            lock.release(cfg.output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -147,12 +147,13 @@ def make_bundle(out: Path, params: dict[str, Any], dataset_id: str) -> Path:
     from . import bundle, config, data, lock
 
     cfg = config.resolve(params)
-    lock.hold(cfg.output_dir)  # its data cache is built there: not beside a run in progress
+    taken = lock.hold(cfg.output_dir)  # its data cache is built there: not beside a run in progress
     try:
         corpus = data.prepare(cfg)
         return bundle.write(corpus.cache_dir, cfg, out, dataset_id)
     finally:
-        lock.release(cfg.output_dir)
+        if taken:
+            lock.release(cfg.output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,30 +28,31 @@ class RunDirectoryBusy(RuntimeError):
     """Another live process is running in this output_dir."""
 
 
-def hold(output_dir: Path) -> Path:
-    """Take `output_dir`'s lock for this process (again: a no-op), releasing any other run
-    directory this process held; returns the directory.
+def hold(output_dir: Path) -> bool:
+    """Take `output_dir`'s lock for this process, then give back any other run directory this
+    process held; True when it was taken now, False when this process held it already (so a
+    caller releases only what it took).
 
     Raises:
         RunDirectoryBusy: another live process holds it, named in the message.
     """
     directory = Path(output_dir).resolve()
     if directory in _held:
-        return directory
-    for other in list(_held):
-        release(other)
+        return False
     directory.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(directory / LOCK_FILE))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise RunDirectoryBusy(busy_message(directory)) from None
+    for other in list(_held):
+        release(other)
     _held[directory] = lock
     files.write_json(directory / HOLDER_FILE, {
         "pid": os.getpid(), "host": socket.gethostname(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv)[:300]})
-    return directory
+    return True
 
 
 def release(output_dir: Path) -> None:

@@ -86,6 +86,9 @@ def check_records(cfg: DataConfig, lines: int = 1000) -> None:
                 except (ValueError, AttributeError):
                     raise ValueError(f"dataset={cfg.dataset!r}: {path}:{number} is not a JSON object on "
                                      "one line (JSON lines: one object per line)") from None
+                if value is None:
+                    raise ValueError(f"dataset={cfg.dataset!r}: {path}:{number} has null for "
+                                     f"{cfg.text_column!r}; give the record text or remove it")
                 if not isinstance(value, str):
                     raise ValueError(f"text_column={cfg.text_column!r}: {path}:{number} holds "
                                      f"{type(value).__name__} {repr(value)[:40]} there, not text; "

@@ -82,8 +82,9 @@ class TrainState:
 
 def global_batch_of(checkpoint: dict[str, Any]) -> int:
     """Blocks per optimizer step over all processes (older, one-process checkpoints lack it)."""
-    return checkpoint.get("global_batch",
-                          checkpoint["batch_size"] * checkpoint["gradient_accumulation_steps"])
+    if "global_batch" in checkpoint:
+        return checkpoint["global_batch"]
+    return checkpoint["batch_size"] * checkpoint["gradient_accumulation_steps"]
 
 
 def capture_rng() -> dict[str, Any]:

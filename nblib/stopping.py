@@ -76,6 +76,17 @@ class TimeBudget:
         the test pass."""
         return 3 * self.save_seconds + 2 * self.eval_seconds + 2 * self.step_seconds + 10
 
+    def refuse_if_spent(self) -> None:
+        """Raise before the first step when no step fits any more: a run that stopped at once
+        would export untrained weights as if it had trained."""
+        if self.exhausted():
+            began = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
+            raise RuntimeError(
+                f"the time budget (time_budget_minutes={self.minutes:g}) counted from this session's "
+                f"start at {began} (on Kaggle the container's, elsewhere the kernel's) is used up "
+                "before the first step: continue in a new session (on Kaggle, Save Version and run "
+                "it again; here, restart the kernel), or raise time_budget_minutes (0: no budget)")
+
     def exhausted(self) -> bool:
         if not self.minutes:
             return False

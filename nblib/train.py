@@ -132,13 +132,12 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
     train_blocks = corpus.blocks("train")
     val_blocks = corpus.blocks("validation")[: t.eval_blocks]  # the same blocks at every evaluation
     config = {**cfg.to_dict(), "fingerprint": contract.fingerprint(cfg, corpus)}
-    resumed = checkpoint.find_resume(run_dir, cfg.resume_from_checkpoint)
-    changes = contract.check(resumed[1], cfg, device.world_size, corpus, resumed[0]) if resumed else []
+    resumed = contract.find(cfg, device.world_size, corpus)
     global_batch = global_batch_of(resumed[1]) if resumed else t.effective_batch * device.world_size
     steps = total_steps(cfg, len(train_blocks), global_batch)
     state = new_state(cfg, device, model, steps)
     if resumed:
-        contract.resume(state, *resumed, cfg, device.world_size, changes)
+        contract.resume(state, *resumed, cfg, device.world_size)
     if device.is_main:
         checkpoint.check_disk_budget(run_dir, model, t.max_checkpoints)
         files.write_json(run_dir / "run_config.json", config)
@@ -149,6 +148,8 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
     reporter = report.open_reporter(cfg.report_to, run_dir, config) if device.is_main else report.Reporter()
     ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, reporter, time.perf_counter(), steps)
     window, reason = _Window(state.tokens_seen), StopReason.COMPLETED
+    if state.step < steps:
+        budget.refuse_if_spent()
     with interrupt.installed(), _progress_bar(steps, state.step, device, messages) as bar:
         while state.step < steps:
             interrupted, out_of_time = distributed.agree(bool(interrupt), budget.exhausted(), device=device)

@@ -75,7 +75,7 @@ def test_another_dataset_with_the_same_tokenizer_spec_is_refused_and_nothing_is_
     with pytest.raises(papermill.PapermillExecutionError) as error:
         execute(tmp_path, preset="smoke", output_dir=str(run), dataset=str(other), max_steps=30)
     message = str(error.value)
-    assert "is a checkpoint of another run (step 20)" in message
+    assert "(step 20) cannot be continued with this run's settings" in message
     assert re.search(r"tokenizer: checkpoint bpe:512 \(512 tokens\), sha256 \w+, this run bpe:512", message)
     assert f"data: checkpoint dataset='builtin:python-docs'" in message and f"this run dataset='{other}'" in message
     assert "another output_dir" in message
@@ -180,3 +180,31 @@ def test_a_checkpoint_from_before_fingerprints_is_checked_by_its_config(tiny_con
                                           tokenizer=tiny_config.data.tokenizer), "n_embd": 64})
     with pytest.raises(contract.RunMismatch, match=r"n_embd: checkpoint 32, this run 64"):
         contract.check(saved, wider, 1, path="old.pt")
+
+
+def test_auto_passes_over_another_runs_checkpoint_attached_as_input_but_refuses_one_in_output_dir(
+        tiny_config, tmp_path, monkeypatch, caplog):
+    """A Kaggle user attaches an unrelated run's output (say, for its data cache): its newer
+    checkpoint is passed over for this run's own; the same checkpoint in output_dir is refused."""
+    saved = {"step": 4, "global_batch": 8, "config": tiny_config.to_dict()}
+    other = {"step": 900, "global_batch": 8,
+             "config": {**tiny_config.to_dict(), "train": {**tiny_config.to_dict()["train"], "max_length": 8}}}
+    attached = tmp_path / "input" / "someone-elses-run"
+    checkpoint.save(checkpoint.checkpoint_path(attached, 0, 900), other)
+    checkpoint.save(checkpoint.checkpoint_path(tiny_config.output_dir, 0, 4), saved)
+    monkeypatch.setattr(checkpoint.paths, "KAGGLE_INPUT", tmp_path / "input")
+    auto = config.resolve(tiny_params(tmp_path, dataset=tiny_config.data.dataset,
+                                      tokenizer=tiny_config.data.tokenizer, resume_from_checkpoint="auto"))
+    path, found, changes = contract.find(auto, 1)
+    assert found["step"] == 4 and changes == []
+    assert "passing over" in caplog.text and "max_length: checkpoint 8, this run 16" in caplog.text
+    checkpoint.save(checkpoint.checkpoint_path(tiny_config.output_dir, 0, 900), other)
+    with pytest.raises(contract.RunMismatch, match=rf"(?s)step 900\) cannot be continued.*out of {tiny_config.output_dir}"):
+        contract.find(auto, 1)
+
+
+def test_a_global_batch_the_processes_cannot_share_is_refused_before_any_data_work(tiny_config):
+    saved = {"step": 4, "global_batch": 9, "world_size": 1, "config": tiny_config.to_dict()}
+    with pytest.raises(contract.RunMismatch, match=r"global batch of 9 blocks cannot be shared evenly by 2 "
+                                                   r"processes; use devices=1"):
+        contract.check(saved, tiny_config, 2)

@@ -25,7 +25,7 @@ def wait_for(condition, seconds: float = 120):
 
 
 def test_holding_twice_in_one_process_is_fine_and_release_frees_it(tmp_path):
-    assert lock.hold(tmp_path / "a") == lock.hold(tmp_path / "a")
+    assert lock.hold(tmp_path / "a") is True and lock.hold(tmp_path / "a") is False  # taken once
     assert lock.holds(tmp_path / "a")
     lock.hold(tmp_path / "b")  # one run per process: the previous folder is given back
     assert not lock.holds(tmp_path / "a") and lock.holds(tmp_path / "b")

@@ -41,3 +41,11 @@ def test_the_session_clock_is_the_containers_on_kaggle_and_this_processs_elsewhe
     assert config.resolve({"preset": "smoke"}).started_at == paths.session_started_at()  # setup re-run: same clock
     monkeypatch.setattr(paths, "on_kaggle", lambda: True)
     assert paths.session_started_at() == paths.process_started_at(1) < paths.process_started_at(os.getpid())
+
+
+def test_a_budget_spent_before_the_first_step_is_an_error_not_an_untrained_export():
+    spent = stopping.TimeBudget(minutes=10, started_at=time.time() - 11 * 60)
+    with pytest.raises(RuntimeError, match=r"time_budget_minutes=10\) counted from this session's start .* "
+                                           r"used up before the first step"):
+        spent.refuse_if_spent()
+    stopping.TimeBudget(minutes=10, started_at=time.time()).refuse_if_spent()
