@@ -132,8 +132,8 @@ def test_continuing_across_kaggle_sessions(tmp_path, wikitext_file, tokenizer_di
 
     session1 = tmp_path / "session1"
     checks = iter(range(1000))
-    with monkeypatch.context() as patch:  # the budget runs out after 13 steps
-        patch.setattr(stopping.TimeBudget, "exhausted", lambda self: next(checks) >= 13)
+    with monkeypatch.context() as patch:  # the budget runs out after 13 steps (one check before the first)
+        patch.setattr(stopping.TimeBudget, "exhausted", lambda self: next(checks) >= 14)
         stopped, _ = run_tiny(config.resolve({**base, "output_dir": str(session1)}))
     assert stopped.stop_reason is train.StopReason.TIME_BUDGET and stopped.state.step == 13
     attached = tmp_path / "input" / "my-notebook-version-1"
