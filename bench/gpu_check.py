@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import config, data, hardware, model, state, train  # noqa: E402
+from nblib import config, data, hardware, launch, model, state, train  # noqa: E402
 from throughput import flops_per_token  # noqa: E402
 
 GPU_SHAPE = dict(preset="kaggle-t4", dataset="builtin:python-docs", dataset_config="", tokenizer="bpe:8192",
@@ -68,7 +68,7 @@ class Runs:
         device = hardware.detect(cfg.train.precision, cfg.devices)
         state.seed_everything(cfg.train.seed)
         corpus = data.prepare(cfg)
-        return train.run(cfg, device, model.build(cfg.model, corpus.tokenizer), corpus), cfg
+        return launch.fit(cfg, device, model.build(cfg.model, corpus.tokenizer), corpus), cfg
 
 
 def check_t4_shape(runs: Runs, steps: int, peak: dict) -> None:

@@ -7,7 +7,7 @@ nblib.generate` and `python -m nblib.job` run without importing the rest.
 import importlib
 
 __all__ = ["checkpoint", "config", "contract", "data", "distributed", "export", "files", "generate", "hardware", "job",
-           "lock", "lora", "memory", "model", "paths", "plots", "report", "sources", "state", "step", "stopping", "tokenizer", "train"]
+           "launch", "lock", "lora", "memory", "model", "paths", "plots", "progress", "report", "sources", "specs", "state", "step", "stopping", "tokenizer", "train"]
 
 
 def __getattr__(name: str):

@@ -6,7 +6,8 @@ import shutil
 from pathlib import Path
 
 from . import files
-from .config import GPT2_TOKENIZERS, RunConfig
+from .config import RunConfig
+from .specs import GPT2_TOKENIZERS
 
 MANIFEST = "bundle_manifest.json"
 EXPECTED = ("train.bin", "validation.bin", "test.bin", "meta.json", "tokenizer/tokenizer.json",

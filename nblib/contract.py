@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
-from .config import GPT2_TOKENIZER, GPT2_TOKENIZERS, PARAMETERS, RunConfig
+from .config import PARAMETERS, RunConfig
+from .specs import GPT2_TOKENIZER, GPT2_TOKENIZERS
 from .state import TrainState, global_batch_of
 
 log = logging.getLogger(__name__)

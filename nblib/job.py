@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import config, contract, data, hardware, lock, model, state, train
+from . import config, contract, data, hardware, launch, lock, model, state, train
 
 
 def run(params: Mapping[str, Any]) -> train.RunResult:
@@ -20,7 +20,7 @@ def run(params: Mapping[str, Any]) -> train.RunResult:
     try:
         logging.getLogger(__name__).info(contract.preview(cfg, device.world_size))
         corpus = data.prepare(cfg)
-        return train.run(cfg, device, model.build(cfg.model, corpus.tokenizer), corpus)
+        return launch.fit(cfg, device, model.build(cfg.model, corpus.tokenizer), corpus)
     finally:
         if taken:  # a notebook that held the folder already keeps it
             lock.release(cfg.output_dir)

@@ -16,7 +16,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from .config import DataConfig, is_local_dataset
+from .config import DataConfig
+from .specs import is_local_dataset
 
 log = logging.getLogger(__name__)
 

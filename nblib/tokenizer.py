@@ -6,7 +6,7 @@ from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .config import BPE_SPEC
+from .specs import BPE_SPEC
 
 log = logging.getLogger(__name__)
 

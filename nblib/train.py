@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from . import checkpoint, contract, distributed, files, generate, lock, memory, report, stopping
+from . import checkpoint, contract, distributed, files, generate, memory, progress, report, stopping
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -114,17 +113,12 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
     Writes checkpoints, `best_model.pt` and `training_history.json` under `cfg.output_dir`.
     Stops early with a checkpoint to resume from: on SIGINT/SIGTERM, at the time budget, after
     `max_bad_steps` non-finite losses in a row, or when even a micro-batch of 1 is out of memory.
-    With `device.world_size` > 1 it launches that many data-parallel workers, which come back
-    here; `messages` is how rank 0 shows its progress through the parent.
+    In a data-parallel worker (started by `launch`) it trains this rank's share; `messages` is
+    how rank 0 shows its progress through the parent.
 
     Raises:
-        lock.RunDirectoryBusy: another process is running in `output_dir`.
         contract.RunMismatch: the checkpoint to resume belongs to another run.
     """
-    if not distributed.in_worker():
-        lock.hold(cfg.output_dir)  # the notebook took it in the setup cell; workers run under it
-    if device.world_size > 1 and not distributed.in_worker():
-        return distributed.launch(cfg, device, model)
     run_dir, t = cfg.output_dir, cfg.train
     if device.is_main:
         for directory in (run_dir, checkpoint.checkpoint_dir(run_dir)):
@@ -201,16 +195,11 @@ class _Run:
     total_steps: int
 
 
-def progress_bar(total: int, initial: int, disable: bool = False) -> tqdm:
-    return tqdm(total=total, initial=initial, desc="training", unit="step", mininterval=2.0,
-                dynamic_ncols=True, disable=disable)
-
-
 def _progress_bar(total: int, initial: int, device: Device, messages):
     """tqdm in a one-process run; rank 0's bar drawn by the parent; none on the other ranks."""
     if messages is not None:
-        return distributed.ProgressToParent(messages, total, initial)
-    return progress_bar(total, initial, disable=not device.is_main)
+        return progress.ProgressToParent(messages, total, initial)
+    return progress.bar(total, initial, disable=not device.is_main)
 
 
 def _count_step(state: TrainState, outcome: StepOutcome, tokens: int, window: "_Window") -> None:

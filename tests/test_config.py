@@ -1,6 +1,6 @@
 import pytest
 
-from nblib import config
+from nblib import config, specs
 from conftest import tiny_params
 
 
@@ -66,11 +66,11 @@ def test_saved_tokenizer_directory_sets_the_vocabulary_floor(tmp_path, tokenizer
 
 
 def test_hub_ids_and_local_paths_are_told_apart():
-    assert not config.is_local_dataset("Salesforce/wikitext")
-    assert not config.is_local_dataset("wikitext")
-    assert config.is_local_dataset("/kaggle/input/corpus")
-    assert config.is_local_dataset("data/*.txt")
-    assert config.is_local_dataset("corpus.parquet")
+    assert not specs.is_local_dataset("Salesforce/wikitext")
+    assert not specs.is_local_dataset("wikitext")
+    assert specs.is_local_dataset("/kaggle/input/corpus")
+    assert specs.is_local_dataset("data/*.txt")
+    assert specs.is_local_dataset("corpus.parquet")
 
 
 def test_to_dict_is_plain_json(tmp_path):

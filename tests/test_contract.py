@@ -133,7 +133,7 @@ def test_a_live_kernel_rerunning_setup_to_train_applies_the_new_learning_rate(tm
     nb.cells.insert(next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])) + 1, chosen)
     code = [c for c in nb.cells if c.cell_type == "code"]
     setup, train_cell = (next(i for i, c in enumerate(code) if marker in c.source)
-                         for marker in ("nblib.config.resolve", "nblib.train.run"))
+                         for marker in ("nblib.config.resolve", "nblib.launch.fit"))
     nb.cells.append(nbformat.v4.new_code_cell("learning_rate = 1e-4\nmax_steps = 30"))
     client = NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     with client.setup_kernel():

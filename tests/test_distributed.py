@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nblib import checkpoint, distributed
+from nblib import checkpoint, distributed, launch
 from conftest import tiny_params
 from test_notebook import execute, outputs_text
 
@@ -65,7 +65,7 @@ def _diverging_worker(rank: int, port: int) -> None:
 
 def test_ranks_with_different_weights_stop_the_run_with_the_workers_traceback():
     with pytest.raises(mp.ProcessRaisedException, match=r"rank 1's weights differ from rank 0's at step 7: weight"):
-        mp.start_processes(_diverging_worker, args=(distributed._free_port(),), nprocs=2, start_method="spawn")
+        mp.start_processes(_diverging_worker, args=(launch._free_port(),), nprocs=2, start_method="spawn")
 
 
 def start_job(tmp_path: Path, params: dict) -> subprocess.Popen:
@@ -133,7 +133,7 @@ def test_a_failing_worker_raises_its_traceback_in_the_notebooks_process(tiny_con
     (checkpoint.checkpoint_path(tiny_config.output_dir, 0, 4)).write_bytes(b"")  # resume '' refuses this
     device = hardware.detect("fp32", devices=2)
     with pytest.raises(mp.ProcessRaisedException, match=r"(?s)Traceback.*already holds checkpoints"):
-        train.run(tiny_config, device, model.build(tiny_config.model, corpus.tokenizer), corpus)
+        launch.fit(tiny_config, device, model.build(tiny_config.model, corpus.tokenizer), corpus)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is optional and not installed")
@@ -145,7 +145,7 @@ def test_lora_fine_tune_in_two_processes(tmp_path, pretrained_dir, wikitext_file
                               gradient_accumulation_steps=1, max_steps=6, eval_steps=3, save_steps=1,
                               lora_r=4, devices=2, precision="fp32"))
     corpus = data.prepare(cfg)
-    result = train.run(cfg, hardware.detect("fp32", cfg.devices), model.build(cfg.model, corpus.tokenizer), corpus)
+    result = launch.fit(cfg, hardware.detect("fp32", cfg.devices), model.build(cfg.model, corpus.tokenizer), corpus)
     assert result.stop_reason is train.StopReason.COMPLETED and result.state.step == 6
     saved = final_state(cfg.output_dir)
     assert saved["world_size"] == 2 and any("lora_B" in key for key in saved["model_state_dict"])
@@ -155,9 +155,9 @@ def test_the_parents_bar_starts_at_the_resumed_step_with_the_runs_total():
     import io
     from tqdm import tqdm
     bar = tqdm(total=None, file=io.StringIO())
-    distributed._handle(("start", {"total": 60, "initial": 20}), bar)
+    launch._handle(("start", {"total": 60, "initial": 20}), bar)
     assert (bar.total, bar.n) == (60, 20)
-    distributed._handle(("progress", {"step": 21, "total": 60, "postfix": {}}), bar)
+    launch._handle(("progress", {"step": 21, "total": 60, "postfix": {}}), bar)
     assert bar.n == 21
 
 
@@ -171,8 +171,8 @@ def test_workers_get_the_weights_through_a_file_not_shared_memory(tiny_config, m
         seen["args"] = args
         raise RuntimeError("captured")
 
-    monkeypatch.setattr(distributed.mp, "start_processes", capture)
+    monkeypatch.setattr(launch.mp, "start_processes", capture)
     with pytest.raises(RuntimeError, match="captured"):
-        distributed.launch(tiny_config, hardware.detect("fp32", devices=2), model.build(tiny_config.model, corpus.tokenizer))
+        launch.spawn(tiny_config, hardware.detect("fp32", devices=2), model.build(tiny_config.model, corpus.tokenizer))
     assert not any(isinstance(a, (torch.Tensor, torch.nn.Module)) for a in seen["args"])
     assert not seen["args"][4].exists()  # the weights file is gone once the launch ends

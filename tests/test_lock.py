@@ -14,7 +14,7 @@ from nblib import checkpoint, lock
 from test_notebook import NOTEBOOK, execute
 
 REPO = Path(__file__).resolve().parent.parent
-HOLD_FOREVER = "import sys, time; from nblib import lock; lock.hold(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+HOLD_FOREVER = "import signal, sys; from nblib import lock; lock.hold(sys.argv[1]); print('held', flush=True); signal.pause()"
 
 
 def wait_for(condition, seconds: float = 120):
