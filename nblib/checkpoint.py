@@ -189,7 +189,8 @@ def find_resume(run_dir: Path, resume_from_checkpoint: str,
                 accept: Callable[[Path, dict[str, Any]], bool] = lambda path, saved: True,
                 ) -> tuple[Path, dict[str, Any]] | None:
     """Resolve `resume_from_checkpoint` ("", a path or "auto") to a loaded checkpoint; with
-    "auto", a candidate that `accept` turns down is passed over for the next older one.
+    "auto", a candidate that `accept` turns down is passed over for the next older one (a path
+    given explicitly is returned only if `accept` takes it).
 
     Raises:
         ValueError: "" (a fresh run) while `run_dir` already holds checkpoints.
@@ -204,7 +205,9 @@ def find_resume(run_dir: Path, resume_from_checkpoint: str,
                 "output_dir for a fresh one")
         return None
     if resume_from_checkpoint != "auto":
-        return Path(resume_from_checkpoint), load(Path(resume_from_checkpoint))
+        path = Path(resume_from_checkpoint)
+        saved = load(path)
+        return (path, saved) if accept(path, saved) else None
     for path, checkpoint in candidates(run_dir):
         try:
             checkpoint = checkpoint or load(path)

@@ -7,6 +7,7 @@ difference. Everything else a resume may change is applied to the resumed state,
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -100,6 +101,7 @@ def fingerprint(cfg: RunConfig, corpus=None) -> dict[str, Any]:
                      "about": f"dataset={cfg.data.dataset!r} ({tokens} tokens)"}}
 
 
+@functools.lru_cache(maxsize=4)  # one hash per tokenizer object: its vocabulary is hashed once a run
 def tokenizer_digest(tokenizer) -> str:
     """sha256 of a fast tokenizer's vocabulary and merges (in one form across tokenizers versions)."""
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
@@ -221,23 +223,22 @@ def find(cfg: RunConfig, world_size: int, corpus=None) -> tuple[Path, dict, list
         RunMismatch: naming each difference, old and new.
         ValueError: `resume_from_checkpoint=""` while `output_dir` holds checkpoints.
     """
+    changes: list[Change] = []
+
     def accept(path: Path, saved: dict) -> bool:
         try:
-            check(saved, cfg, world_size, corpus, path)
+            changes[:] = check(saved, cfg, world_size, corpus, path)
         except RunMismatch as error:
-            if Path(cfg.output_dir).resolve() in Path(path).resolve().parents:
+            attached = Path(cfg.output_dir).resolve() not in Path(path).resolve().parents
+            if cfg.resume_from_checkpoint != "auto" or not attached:
                 raise
             log.warning("passing over %s, an attached checkpoint of another run (%s)", path,
                         str(error).splitlines()[1].strip(" -"))
             return False
         return True
 
-    found = checkpoint.find_resume(cfg.output_dir, cfg.resume_from_checkpoint,
-                                   accept if cfg.resume_from_checkpoint == "auto" else lambda *_: True)
-    if found is None:
-        return None
-    path, saved = found
-    return path, saved, check(saved, cfg, world_size, corpus, path)
+    found = checkpoint.find_resume(cfg.output_dir, cfg.resume_from_checkpoint, accept)
+    return None if found is None else (*found, changes)
 
 
 def preview(cfg: RunConfig, world_size: int) -> str:
