@@ -69,13 +69,13 @@ class TrainConfig:
     eval_blocks: int = 400  # validation blocks per evaluation: the same first blocks every time
 
     @property
-    def effective_batch(self) -> int:
-        """Blocks per optimizer step."""
+    def global_batch(self) -> int:
+        """Blocks per optimizer step, over all processes: the number of GPUs shares it out."""
         return self.batch_size * self.gradient_accumulation_steps
 
     @property
     def tokens_per_step(self) -> int:
-        return self.effective_batch * self.max_length
+        return self.global_batch * self.max_length
 
 
 @dataclass(frozen=True)
@@ -115,15 +115,12 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     def describe(self) -> str:
-        """Readable multi-line summary for the notebook."""
-        t = self.train
+        """Readable multi-line summary for the notebook (the global batch: distributed.describe)."""
         lines = [f"preset {self.preset}, output_dir {self.output_dir}"]
         for name, part in (("data", self.data), ("model", self.model), ("train", self.train),
                            ("sampling", self.sampling)):
             items = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(part).items())
             lines.append(f"{name}: {items}")
-        lines.append(f"effective batch: {t.batch_size} x {t.gradient_accumulation_steps} = "
-                     f"{t.effective_batch} blocks = {t.tokens_per_step:,} tokens per step")
         lines.append(f"resume_from_checkpoint={self.resume_from_checkpoint!r}, devices={self.devices!r}, "
                      f"report_to={self.report_to!r}, lora_export={self.lora_export!r}, "
                      f"sample_from={self.sample_from!r}, dry_run={self.dry_run}")

@@ -11,12 +11,11 @@ import functools
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import PARAMETERS, RunConfig
 from .specs import GPT2_TOKENIZER, GPT2_TOKENIZERS
 from .state import TrainState, global_batch_of
@@ -129,7 +128,7 @@ def check(saved: dict[str, Any], cfg: RunConfig, world_size: int, corpus=None,
     problems += [f"{name}: checkpoint {old[name]!r}, this run {new[name]!r} ({why})"
                  for name, (kind, why) in RULES.items()
                  if kind == BOUND and old.get(name) is not None and old[name] != new[name]]
-    problem = _global_batch_problem(saved, old, cfg, world_size)
+    problem = _global_batch_problem(saved, cfg, world_size)
     if problem:
         problems.append(problem)
     if problems:
@@ -153,24 +152,19 @@ def fingerprint_of(values: dict[str, Any]) -> dict[str, Any]:
     return shape
 
 
-def _global_batch_problem(saved: dict, old: dict, cfg: RunConfig, world_size: int) -> str | None:
+def _global_batch_problem(saved: dict, cfg: RunConfig, world_size: int) -> str | None:
     """A run's global batch is fixed at its start: its steps, its schedule and its data position
-    count in it. `devices` may change (the batch is shared anew); a new `batch_size` x
-    `gradient_accumulation_steps` must keep it."""
-    t = cfg.train
-    kept = global_batch_of(saved)
-    if (old.get("batch_size"), old.get("gradient_accumulation_steps")) == (t.batch_size, t.gradient_accumulation_steps):
-        if kept % world_size:
-            return (f"devices: the checkpoint's global batch of {kept} blocks cannot be shared "
-                    f"evenly by {world_size} processes; use devices={saved.get('world_size', 1)}")
-        return None
-    wanted = t.effective_batch * world_size
-    if wanted == kept:
-        return None
-    return (f"global batch: checkpoint {kept} blocks per optimizer step, this run {t.batch_size} x "
-            f"{t.gradient_accumulation_steps} x {world_size} process(es) = {wanted} (a run's steps, "
-            f"schedule and data position count in its global batch: keep batch_size x "
-            f"gradient_accumulation_steps x processes = {kept})")
+    count in it. `devices` may change (the batch is shared anew), and so may the split of
+    `batch_size` x `gradient_accumulation_steps`, as long as the product stays."""
+    t, kept = cfg.train, global_batch_of(saved)
+    if t.global_batch != kept:
+        return (f"global batch: checkpoint {kept} blocks per optimizer step, this run {t.batch_size} x "
+                f"{t.gradient_accumulation_steps} = {t.global_batch} (a run's steps, schedule and data "
+                f"position count in its global batch: keep batch_size x gradient_accumulation_steps = {kept})")
+    if kept % world_size:
+        return (f"devices: the checkpoint's global batch of {kept} blocks cannot be shared evenly by "
+                f"{world_size} processes; use devices={saved.get('world_size', 1)}")
+    return None
 
 
 def resume(state: TrainState, path: Path, saved: dict, changes: list[Change], cfg: RunConfig,
@@ -196,17 +190,12 @@ def resume(state: TrainState, path: Path, saved: dict, changes: list[Change], cf
 
 
 def _split_global_batch(state: TrainState, cfg: RunConfig, world_size: int, new_split: bool) -> None:
-    """The checkpoint's global batch over `world_size` processes: the configured split when it
-    was changed, else the checkpoint's (OOM back-offs kept), with accumulation scaled when the
-    number of processes changed."""
-    t = cfg.train
-    if new_split:
-        state.batch_size, state.gradient_accumulation_steps = t.batch_size, t.gradient_accumulation_steps
-    elif state.world_size != world_size:  # check() made sure the processes share it evenly
-        per_rank = state.global_batch // world_size
-        accumulation = max(1, state.gradient_accumulation_steps * state.world_size // world_size)
-        state.gradient_accumulation_steps = min(accumulation, per_rank)
-        state.batch_size = math.ceil(per_rank / state.gradient_accumulation_steps)
+    """The checkpoint's global batch over `world_size` processes: the configured micro-batch when
+    the split was changed, else the checkpoint's (OOM back-offs kept)."""
+    batch_size = cfg.train.batch_size if new_split else state.batch_size
+    if new_split or state.world_size != world_size:  # check() made sure the processes share it evenly
+        state.batch_size, state.gradient_accumulation_steps = distributed.share(
+            state.global_batch, batch_size, world_size)
     if state.world_size != world_size:
         log.info("resuming a %d-process run in %d: global batch %d kept as %d x %d per process",
                  state.world_size, world_size, state.global_batch, state.batch_size,

@@ -6,6 +6,7 @@ loop calls them unconditionally; `launch` starts the workers.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,16 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
+def gather(value: object, device: Device) -> list | None:
+    """Every rank's `value` in rank order on rank 0, None on the others; `[value]` outside a
+    worker. A collective: call it where every rank arrives (a periodic save, a stop)."""
+    if not in_worker():
+        return [value]
+    values = [None] * dist.get_world_size() if device.is_main else None
+    dist.gather_object(value, values, dst=0)
+    return values
+
+
 def average_gradients(model: torch.nn.Module) -> None:
     """Average the gradients accumulated under DDP's `no_sync` over the ranks, in place (the
     exchange DDP's hooks would do, but only once every rank is past its micro-steps, so an OOM
@@ -75,11 +86,34 @@ def check_in_sync(model: torch.nn.Module, step: int, device: Device) -> None:
                            f"{', '.join(differs[:5])}")
 
 
+def share(global_batch: int, batch_size: int, world_size: int) -> tuple[int, int]:
+    """This process's micro-batch and accumulation steps for its share of `global_batch` blocks:
+    the global batch stays what the configuration says whatever the number of processes
+    (the guide's 8 x 8 = 64 is 8 x 8 on one T4, 8 x 4 on each of two).
+
+    Raises:
+        ValueError: the processes cannot share the global batch evenly.
+    """
+    if global_batch % world_size:
+        raise ValueError(f"batch_size x gradient_accumulation_steps = {global_batch} blocks cannot be "
+                         f"shared evenly by {world_size} processes: make it a multiple of {world_size}, "
+                         "or set devices=1")
+    per_rank = global_batch // world_size
+    micro_steps = math.ceil(per_rank / batch_size)
+    return math.ceil(per_rank / micro_steps), micro_steps
+
+
 def describe(device: Device, train: TrainConfig) -> str:
-    """The global batch, which grows with the number of processes."""
-    batch_size, accumulation = train.batch_size, train.gradient_accumulation_steps
-    blocks = batch_size * accumulation * device.world_size
-    where = (f"data-parallel over {device.world_size} {'GPUs (NCCL)' if device.is_cuda else 'CPU processes (gloo)'}"
-             if device.world_size > 1 else "one process")
-    return (f"{where}: global batch {batch_size} x {accumulation} x {device.world_size} = {blocks} "
-            f"blocks = {blocks * train.max_length:,} tokens per optimizer step")
+    """The global batch, and each process's share of it.
+
+    Raises:
+        ValueError: the processes cannot share the global batch evenly.
+    """
+    blocks, processes = train.global_batch, device.world_size
+    batch_size, accumulation = share(blocks, train.batch_size, processes)
+    line = (f"global batch {train.batch_size} x {train.gradient_accumulation_steps} = {blocks} blocks "
+            f"= {train.tokens_per_step:,} tokens per optimizer step")
+    if processes == 1:
+        return f"one process: {line}"
+    units, unit = ("GPUs (NCCL)", "GPU") if device.is_cuda else ("CPU processes (gloo)", "CPU process")
+    return f"data-parallel over {processes} {units}: {line}, each {unit} taking {batch_size} x {accumulation}"

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from . import checkpoint, data, lock, progress, step, stopping, train
+from . import checkpoint, data, lock, progress, state, step, stopping, train
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -56,9 +56,9 @@ def spawn(cfg: RunConfig, device: Device, model: torch.nn.Module) -> train.RunRe
         outcome, signal_name = _supervise(cfg, device, weights)
     finally:
         weights.unlink(missing_ok=True)
-    state = step.new_state(cfg, dataclasses.replace(device, world_size=1), model, outcome["total_steps"])
-    state.load_state_dict(checkpoint.load(outcome["saved"]))
-    return train.RunResult(state, train.StopReason(outcome["stop_reason"]), cfg.output_dir,
+    final = step.new_state(cfg, dataclasses.replace(device, world_size=1), model, outcome["total_steps"])
+    final.load_state_dict(checkpoint.load(outcome["saved"]))
+    return train.RunResult(final, train.StopReason(outcome["stop_reason"]), cfg.output_dir,
                            outcome["elapsed_seconds"], signal_name or outcome["signal_name"],
                            outcome["total_steps"])
 
@@ -122,6 +122,7 @@ def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights:
         device = dataclasses.replace(device, rank=rank, device=torch.device("cuda", rank) if device.is_cuda
                                      else device.device)
         model = torch.load(weights, weights_only=False)  # the parent's model, written a moment ago
+        state.seed_everything(cfg.train.seed, rank)  # dropout masks of their own on each rank
         result = train.run(cfg, device, model, data.prepare(cfg), messages=messages if rank == 0 else None)
         if rank == 0:
             messages.put(("result", {

@@ -1,7 +1,8 @@
 """Out-of-memory recovery: the one module that knows what an OOM looks like and how to back off.
 
 A CUDA OOM mid-run is answered by halving the micro-batch and doubling gradient accumulation, so
-the effective batch (and with it the learning-rate schedule) stays exactly as configured, then
+this process's blocks per step (and with them the global batch and the learning-rate schedule)
+stay exactly as configured, then
 retrying the same optimizer step from its start.
 """
 from __future__ import annotations
@@ -35,19 +36,19 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def back_off(state: TrainState, effective_batch: int) -> bool:
+def back_off(state: TrainState, blocks: int) -> bool:
     """Double accumulation and shrink the micro-batch to match; False when it is already 1."""
     if state.batch_size <= 1:
         return False
-    state.gradient_accumulation_steps = min(effective_batch, state.gradient_accumulation_steps * 2)
-    state.batch_size = math.ceil(effective_batch / state.gradient_accumulation_steps)
+    state.gradient_accumulation_steps = min(blocks, state.gradient_accumulation_steps * 2)
+    state.batch_size = math.ceil(blocks / state.gradient_accumulation_steps)
     return True
 
 
-def retry_on_oom(state: TrainState, effective_batch: int, attempt: Callable[[], T],
+def retry_on_oom(state: TrainState, blocks: int, attempt: Callable[[], T],
                  reset: Callable[[], None], agree: Callable[[bool], bool] = bool) -> T:
     """Run `attempt()`; after an OOM, `reset()` (drop the partial gradients), free memory, back
-    off and try again with the smaller micro-batch. `agree(out_of_memory)` is True when any
+    off and try again with the smaller micro-batch over the same `blocks`. `agree(out_of_memory)` is True when any
     data-parallel rank ran out of memory: then all of them back off together.
 
     Raises:
@@ -67,15 +68,15 @@ def retry_on_oom(state: TrainState, effective_batch: int, attempt: Callable[[], 
         reset()
         free_memory()
         before = state.batch_size
-        if not back_off(state, effective_batch):
+        if not back_off(state, blocks):
             raise OutOfMemoryAtMicroBatchOne(
                 "out of memory with a micro-batch of 1 block: reduce max_length, n_embd or n_layer")
         event = {"step": state.step + 1, "event": "out of memory", "batch_size": state.batch_size,
                  "gradient_accumulation_steps": state.gradient_accumulation_steps}
         state.events.append(event)
         log.warning("out of memory at micro-batch %d: retrying step %d with micro-batch %d x %d "
-                    "accumulation (effective batch %d unchanged)", before, state.step + 1,
-                    state.batch_size, state.gradient_accumulation_steps, effective_batch)
+                    "accumulation (%d blocks per step unchanged)", before, state.step + 1,
+                    state.batch_size, state.gradient_accumulation_steps, blocks)
 
 
 def evaluate_with_backoff(evaluate: Callable[[int], float], batch_size: int) -> float:

@@ -19,9 +19,10 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     batch_size: int  # micro-batch in use (OOM recovery may lower it)
-    gradient_accumulation_steps: int  # raised with it, so the effective batch stays fixed
+    gradient_accumulation_steps: int  # raised with it, so this process's blocks per step stay fixed
     global_batch: int  # blocks per optimizer step over all processes
     world_size: int = 1  # data-parallel processes sharing `global_batch`
+    rank: int = 0  # this process's place among them
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current pass over the training blocks
     position: int = 0  # blocks of this epoch's shuffled order already consumed
@@ -42,8 +43,11 @@ class TrainState:
         """Blocks this process handles per optimizer step."""
         return self.global_batch // self.world_size
 
-    def state_dict(self, config: dict[str, Any]) -> dict[str, Any]:
-        """A checkpoint that `torch.load(path, weights_only=True)` can read: tensors and primitives."""
+    def state_dict(self, config: dict[str, Any], rank_rng_states: list[dict] | None = None) -> dict[str, Any]:
+        """A checkpoint that `torch.load(path, weights_only=True)` can read: tensors and primitives.
+        `rank_rng_states`: every data-parallel rank's RNG state, gathered at a save all ranks
+        reach (without it, only this process's is kept)."""
+        rank_rng_states = rank_rng_states or [capture_rng()]
         return {
             **model_weights.checkpoint_weights(self.model),
             "optimizer_state_dict": self.optimizer.state_dict(),
@@ -55,7 +59,8 @@ class TrainState:
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "global_batch": self.global_batch, "world_size": self.world_size,
-            "rng_state": capture_rng(), "history": list(self.history),
+            "rng_state": rank_rng_states[0], "rank_rng_states": rank_rng_states,
+            "history": list(self.history),
             "step_losses": list(self.step_losses), "skipped_steps": self.skipped_steps,
             "bad_streak": self.bad_streak, "events": list(self.events), "config": config,
         }
@@ -77,7 +82,15 @@ class TrainState:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self.bad_streak = checkpoint.get("bad_streak", 0)
         self.events = list(checkpoint.get("events", []))
-        restore_rng(checkpoint["rng_state"])
+        self._restore_rng(checkpoint)
+
+    def _restore_rng(self, checkpoint: dict[str, Any]) -> None:
+        """This rank's own RNG state (dropout masks differ between ranks). A rank the checkpoint
+        has none for (it was saved by fewer processes, or outside a save all ranks reached) keeps
+        the seed it started with."""
+        states = checkpoint.get("rank_rng_states") or [checkpoint["rng_state"]]
+        if self.rank < len(states):
+            restore_rng(states[self.rank])
 
 
 def global_batch_of(checkpoint: dict[str, Any]) -> int:
@@ -107,8 +120,11 @@ def restore_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]][: torch.cuda.device_count()])
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch; call before building the model so weights repeat."""
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch; call before building the model so weights repeat. A
+    data-parallel rank above 0 gets a seed of its own, so its dropout masks differ from rank 0's."""
+    if rank:
+        seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

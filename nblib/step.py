@@ -61,13 +61,13 @@ def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int
     schedule = partial(lr_factor, warmup_steps=cfg.train.warmup_steps, total_steps=steps)
     ddp = distributed.wrap(model, device) if distributed.in_worker() else None
     forward = model if ddp is None else ddp
+    batch_size, accumulation = distributed.share(cfg.train.global_batch, cfg.train.batch_size, device.world_size)
     return TrainState(
         model=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
         scaler=torch.amp.GradScaler(device.device.type) if device.uses_grad_scaler else None,
-        batch_size=cfg.train.batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        global_batch=cfg.train.effective_batch * device.world_size, world_size=device.world_size,
+        batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        global_batch=cfg.train.global_batch, world_size=device.world_size, rank=device.rank,
         forward_module=compiled_forward(forward, device) if cfg.train.torch_compile else ddp, ddp=ddp)
 
 
@@ -117,7 +117,7 @@ def _backward(state: TrainState, loss: torch.Tensor) -> None:
 
 
 def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_grad_norm: float) -> StepOutcome:
-    """One optimizer step over `blocks` (the whole effective batch), with OOM recovery.
+    """One optimizer step over `blocks` (this process's share of the global batch), with OOM recovery.
 
     An OOM halves the micro-batch and retries the same blocks. A non-finite loss or gradient
     norm skips the update (the GradScaler does so itself for fp16 overflow).

@@ -17,7 +17,7 @@ from . import checkpoint, contract, distributed, files, generate, memory, progre
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
-from .state import TrainState, global_batch_of
+from .state import TrainState, capture_rng, global_batch_of
 from .step import StepOutcome, evaluate, new_state, optimizer_step, perplexity, weights_are_finite
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
     val_blocks = corpus.blocks("validation")[: t.eval_blocks]  # the same blocks at every evaluation
     config = {**cfg.to_dict(), "fingerprint": contract.fingerprint(cfg, corpus)}
     resumed = contract.find(cfg, device.world_size, corpus)
-    global_batch = global_batch_of(resumed[1]) if resumed else t.effective_batch * device.world_size
+    global_batch = global_batch_of(resumed[1]) if resumed else t.global_batch
     steps = total_steps(cfg, len(train_blocks), global_batch)
     state = new_state(cfg, device, model, steps)
     if resumed:
@@ -176,8 +176,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
     last_recorded = state.history[-1]["step"] if state.history else None
     if reason is StopReason.TIME_BUDGET and last_recorded != state.step:  # the history ends where training did
         _evaluate_and_record(state, ctx, window)
-    if device.is_main:
-        _save_on_stop(reason, state, ctx)
+    _save_on_stop(reason, state, ctx)
     reporter.close()
     return RunResult(state, reason, run_dir, time.perf_counter() - ctx.started, interrupt.signal_name, steps)
 
@@ -218,11 +217,13 @@ def _count_step(state: TrainState, outcome: StepOutcome, tokens: int, window: "_
 
 def _save_on_stop(reason: StopReason, state: TrainState, ctx: _Run) -> None:
     """A resumable checkpoint for every stop (RunResult.saved); an emergency one when something
-    went wrong."""
+    went wrong. Every rank calls it: the ranks agreed on the stop."""
     if reason in (StopReason.COMPLETED, StopReason.TIME_BUDGET):
         _save_checkpoint(state, ctx)
-    else:  # skipped steps changed no weights, so for a bad loss these are the last good ones
-        checkpoint.save(ctx.cfg.output_dir / checkpoint.EMERGENCY, state.state_dict(ctx.config))
+        return
+    rng_states = distributed.gather(capture_rng(), ctx.device)
+    if ctx.device.is_main:  # skipped steps changed no weights, so for a bad loss these are the last good ones
+        checkpoint.save(ctx.cfg.output_dir / checkpoint.EMERGENCY, state.state_dict(ctx.config, rng_states))
 
 
 class _Window:
@@ -296,15 +297,16 @@ def _evaluation_scalars(record: dict, device: Device) -> dict[str, float]:
 
 
 def _save_checkpoint(state: TrainState, ctx: _Run) -> float:
-    """Checkpoint this step (once, from rank 0), rotate, and drop the emergency checkpoint it
-    supersedes."""
+    """Checkpoint this step (once, from rank 0, with every rank's RNG state: all of them call
+    it at the same step), rotate, and drop the emergency checkpoint it supersedes."""
+    rng_states = distributed.gather(capture_rng(), ctx.device)
     if not ctx.device.is_main:
         return 0.0
     cfg, config = ctx.cfg, ctx.config
     path = checkpoint.checkpoint_path(cfg.output_dir, state.epoch, state.step)
     if path.exists():
         return 0.0
-    seconds = checkpoint.save(path, state.state_dict(config))
+    seconds = checkpoint.save(path, state.state_dict(config, rng_states))
     checkpoint.rotate(path.parent, cfg.train.max_checkpoints)
     (cfg.output_dir / checkpoint.EMERGENCY).unlink(missing_ok=True)
     return seconds

@@ -7,7 +7,7 @@ from conftest import tiny_params
 def test_presets_resolve_and_none_means_the_presets_value(tmp_path):
     cfg = config.resolve({"preset": "kaggle-t4", "n_layer": None, "output_dir": str(tmp_path)})
     assert cfg.model.n_layer == 8 and cfg.model.vocab_size == 50257
-    assert cfg.train.effective_batch == 64 and cfg.train.tokens_per_step == 64 * 512
+    assert cfg.train.global_batch == 64 and cfg.train.tokens_per_step == 64 * 512
     assert cfg.data.dataset == "Salesforce/wikitext"
     assert config.resolve({"preset": "cpu-demo"}).data.dataset == "builtin:python-docs"
 

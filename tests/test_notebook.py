@@ -50,7 +50,7 @@ def test_smoke_preset_trains_and_writes_every_output(tmp_path):
 def test_dry_run_prints_the_config_and_stops_cleanly(tmp_path):
     nb = execute(tmp_path, preset="smoke", output_dir=str(tmp_path / "run"), dry_run=True)
     text = outputs_text(nb)
-    assert "effective batch: 8 x 2 = 16 blocks" in text and "precision" in text
+    assert "one process: global batch 8 x 2 = 16 blocks" in text and "precision" in text
     assert not (tmp_path / "run" / "data_cache").exists()
 
 

@@ -25,7 +25,7 @@ def test_epoch_order_is_seeded_and_covers_every_block_once():
 
 def test_too_little_data_for_one_step_is_a_clear_error(tiny_config):
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
-        train.total_steps(tiny_config, n_train_blocks=3, global_batch=tiny_config.train.effective_batch)
+        train.total_steps(tiny_config, n_train_blocks=3, global_batch=tiny_config.train.global_batch)
 
 
 def test_run_trains_evaluates_saves_and_rotates(tiny_config):
