@@ -12,11 +12,13 @@ Offline: it trains on the built-in corpus with a BPE trained here, padded to the
   oom         memory capped with set_per_process_memory_fraction: a real CUDA OOM backed off
   resume      20 steps against 10 + a resume of 10: the largest loss difference (0.0 is bitwise)
   compile     torch_compile=True against eager: tokens/s and the loss difference
-  two_ranks   devices=2 over NCCL when two GPUs are there (skipped with one)
+  two_ranks   the same parameters on one process and on two: NCCL over two GPUs, or gloo over
+              CUDA tensors with both ranks on one GPU
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import config, data, hardware, launch, model, state, train  # noqa: E402
+from nblib import config, data, distributed, hardware, launch, model, state, train  # noqa: E402
 from throughput import flops_per_token  # noqa: E402
 
 GPU_SHAPE = dict(preset="kaggle-t4", dataset="builtin:python-docs", dataset_config="", tokenizer="bpe:8192",
@@ -59,13 +61,16 @@ class Runs:
     def __init__(self, shape: dict, root: Path):
         self.shape, self.root, self.count = shape, root, 0
 
-    def train(self, **overrides) -> tuple[train.RunResult, config.RunConfig]:
+    def run(self, world_size: int = 0, **overrides) -> tuple[train.RunResult, config.RunConfig]:
+        """A run with `overrides`; `world_size` processes whatever the GPU count (two ranks may
+        share one GPU over gloo, which the parameters refuse)."""
         self.count += 1
         out = self.root / f"run{self.count}"
         if (self.root / "run1" / "data_cache").is_dir() and not out.exists():
             shutil.copytree(self.root / "run1" / "data_cache", out / "data_cache")
         cfg = config.resolve({**self.shape, "output_dir": str(out), **overrides})
         device = hardware.detect(cfg.train.precision, cfg.devices)
+        device = dataclasses.replace(device, world_size=world_size) if world_size else device
         state.seed_everything(cfg.train.seed)
         corpus = data.prepare(cfg)
         return launch.fit(cfg, device, model.build(cfg.model, corpus.tokenizer), corpus), cfg
@@ -74,7 +79,7 @@ class Runs:
 def check_t4_shape(runs: Runs, steps: int, peak: dict) -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result, cfg = runs.train(max_steps=steps, eval_steps=steps, save_steps=steps)
+    result, cfg = runs.run(max_steps=steps, eval_steps=steps, save_steps=steps)
     record = result.history[-1]
     precision = hardware.detect(cfg.train.precision).precision
     rate = record["tokens_per_second"]
@@ -92,7 +97,7 @@ def check_oom(runs: Runs, steps: int) -> None:
     cap_gb = 3.0
     torch.cuda.set_per_process_memory_fraction(cap_gb * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     try:
-        result, _ = runs.train(max_steps=steps, eval_steps=steps, save_steps=steps, batch_size=64,
+        result, _ = runs.run(max_steps=steps, eval_steps=steps, save_steps=steps, batch_size=64,
                                gradient_accumulation_steps=1)
         emit("oom", cap_gb=cap_gb, stop_reason=result.stop_reason.value, events=result.state.events,
              micro_batch=result.state.batch_size, accumulation=result.state.gradient_accumulation_steps)
@@ -102,17 +107,17 @@ def check_oom(runs: Runs, steps: int) -> None:
 
 
 def check_resume(runs: Runs, steps: int) -> None:
-    whole, _ = runs.train(max_steps=2 * steps, eval_steps=steps, save_steps=steps)
+    whole, _ = runs.run(max_steps=2 * steps, eval_steps=steps, save_steps=steps)
     half = runs.root / f"run{runs.count}" / "checkpoints" / f"checkpoint_epoch0_step{steps}.pt"
-    resumed, _ = runs.train(max_steps=2 * steps, eval_steps=steps, save_steps=steps, resume_from_checkpoint=str(half))
+    resumed, _ = runs.run(max_steps=2 * steps, eval_steps=steps, save_steps=steps, resume_from_checkpoint=str(half))
     differences = [abs(a - b) for a, b in zip(whole.state.step_losses, resumed.state.step_losses)]
     emit("resume", steps=len(differences), max_loss_difference=max(differences), bitwise=max(differences) == 0.0)
 
 
 def check_compile(runs: Runs, steps: int) -> None:
-    eager, _ = runs.train(max_steps=steps, eval_steps=steps, save_steps=steps)
+    eager, _ = runs.run(max_steps=steps, eval_steps=steps, save_steps=steps)
     started = time.perf_counter()
-    compiled, _ = runs.train(max_steps=steps, eval_steps=steps, save_steps=steps, torch_compile=True)
+    compiled, _ = runs.run(max_steps=steps, eval_steps=steps, save_steps=steps, torch_compile=True)
     emit("compile", wall_seconds=round(time.perf_counter() - started, 1),
          tokens_per_second={"eager": round(eager.history[-1]["tokens_per_second"]),
                             "compiled": round(compiled.history[-1]["tokens_per_second"])},
@@ -120,13 +125,10 @@ def check_compile(runs: Runs, steps: int) -> None:
 
 
 def check_two_ranks(runs: Runs, steps: int) -> None:
-    if torch.cuda.device_count() < 2:
-        return emit("two_ranks", skipped=f"{torch.cuda.device_count()} GPU(s); NCCL needs two")
-    one, _ = runs.train(max_steps=steps, eval_steps=steps, save_steps=steps, devices=1,
-                        gradient_accumulation_steps=8)
-    two, _ = runs.train(max_steps=steps, eval_steps=steps, save_steps=steps, devices=2,
-                        gradient_accumulation_steps=4)  # the same global batch of 64
-    emit("two_ranks", global_batch=[one.state.global_batch, two.state.global_batch],
+    one, _ = runs.run(max_steps=steps, eval_steps=steps, save_steps=steps, devices=1)
+    two, cfg = runs.run(world_size=2, max_steps=steps, eval_steps=steps, save_steps=steps)
+    device = dataclasses.replace(hardware.detect(cfg.train.precision, 1), world_size=2)
+    emit("two_ranks", backend=distributed.backend(device), global_batch=[one.state.global_batch, two.state.global_batch],
          max_loss_difference=max(abs(a - b) for a, b in zip(one.state.step_losses, two.state.step_losses)),
          tokens_per_second={"one": round(one.history[-1]["tokens_per_second"]),
                             "two": round(two.history[-1]["tokens_per_second"])})

@@ -14,6 +14,12 @@ import torch.distributed as dist
 from .config import TrainConfig
 from .hardware import Device
 
+def backend(device: Device) -> str:
+    """NCCL when every rank has a GPU of its own; gloo on CPUs, and for ranks sharing one GPU
+    (NCCL refuses that; the GPU check uses it to test two ranks on a one-GPU machine)."""
+    return "nccl" if device.is_cuda and torch.cuda.device_count() >= device.world_size else "gloo"
+
+
 def in_worker() -> bool:
     """True inside a worker process, once its process group is up."""
     return dist.is_available() and dist.is_initialized()

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from . import checkpoint, data, lock, progress, state, step, stopping, train
+from . import checkpoint, data, distributed, lock, progress, state, step, stopping, train
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -112,15 +112,15 @@ def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights:
     _log_to_parent(messages, rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device.is_cuda:
-        torch.cuda.set_device(rank)
+        gpu = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(gpu)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     # Rank 0 alone saves, evaluates samples and writes: the others may wait that long at a collective.
-    dist.init_process_group("nccl" if device.is_cuda else "gloo", rank=rank, world_size=world_size,
+    dist.init_process_group(distributed.backend(device), rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=30))
     try:
-        device = dataclasses.replace(device, rank=rank, device=torch.device("cuda", rank) if device.is_cuda
-                                     else device.device)
+        device = dataclasses.replace(device, rank=rank, device=gpu if device.is_cuda else device.device)
         model = torch.load(weights, weights_only=False)  # the parent's model, written a moment ago
         state.seed_everything(cfg.train.seed, rank)  # dropout masks of their own on each rank
         result = train.run(cfg, device, model, data.prepare(cfg), messages=messages if rank == 0 else None)

@@ -86,8 +86,8 @@ def total_steps(cfg: RunConfig, n_train_blocks: int, global_batch: int) -> int:
     if per_epoch == 0:
         raise ValueError(f"the training split has {n_train_blocks} blocks of max_length="
                          f"{cfg.train.max_length}, fewer than one optimizer step's "
-                         f"{global_batch}: lower batch_size, gradient_accumulation_steps, "
-                         "max_length or devices, or use more data")
+                         f"{global_batch}: lower batch_size, gradient_accumulation_steps "
+                         "or max_length, or use more data")
     return cfg.train.max_steps or cfg.train.epochs * per_epoch
 
 

@@ -78,7 +78,7 @@ def test_another_dataset_with_the_same_tokenizer_spec_is_refused_and_nothing_is_
     message = str(error.value)
     assert "(step 20) cannot be continued with this run's settings" in message
     assert re.search(r"tokenizer: checkpoint bpe:512 \(512 tokens\), sha256 \w+, this run bpe:512", message)
-    assert f"data: checkpoint dataset='builtin:python-docs'" in message and f"this run dataset='{other}'" in message
+    assert "data: checkpoint dataset='builtin:python-docs'" in message and f"this run dataset='{other}'" in message
     assert "another output_dir" in message
     assert (run / "final_model" / "tokenizer.json").read_bytes() == exported
     assert checkpoint.list_checkpoints(run / "checkpoints")[-1][0] == 20
