@@ -128,7 +128,7 @@ def test_interrupt_stops_every_rank_and_the_run_resumes_under_another_world_size
 
 
 def test_a_failing_worker_raises_its_traceback_in_the_notebooks_process(tiny_config):
-    from nblib import data, hardware, model, train
+    from nblib import data, hardware, model
     corpus = data.prepare(tiny_config)
     checkpoint.checkpoint_dir(tiny_config.output_dir).mkdir(parents=True)
     (checkpoint.checkpoint_path(tiny_config.output_dir, 0, 4)).write_bytes(b"")  # resume '' refuses this
