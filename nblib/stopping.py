@@ -6,7 +6,8 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +50,29 @@ class InterruptFlag:
 
 @dataclass
 class TimeBudget:
-    """Stops training while the next step, a final checkpoint and the export still fit."""
+    """Stops training while the next step, a final checkpoint and the export still fit. `clock`
+    gives the time (seconds since the epoch, as `started_at`): the tests hand it a fake one."""
 
     minutes: float  # 0: no budget
-    started_at: float  # time.time() when the notebook started
-    step_seconds: float = 0.0  # running average of one optimizer step (evaluations included)
+    started_at: float  # clock() when the session started
+    step_seconds: float = 0.0  # running average of one optimizer step
     save_seconds: float = 0.0  # longest checkpoint save seen
     eval_seconds: float = 0.0  # longest evaluation seen
-    _last: float = field(default_factory=time.perf_counter)
+    clock: Callable[[], float] = time.time
 
-    def step_done(self) -> None:
-        now = time.perf_counter()
-        duration, self._last = now - self._last, now
-        self.step_seconds = duration if not self.step_seconds else 0.9 * self.step_seconds + 0.1 * duration
-
-    def save_took(self, seconds: float) -> None:
-        self.save_seconds = max(self.save_seconds, seconds)
-        self._last = time.perf_counter()  # a save is not part of the next step's time
-
-    def eval_took(self, seconds: float) -> None:
-        self.eval_seconds = max(self.eval_seconds, seconds)
-        self._last = time.perf_counter()
+    @contextlib.contextmanager
+    def timing(self, work: str):
+        """Time the block as one `work`: "step", "eval" or "save". Each kind has its own
+        estimate, so an evaluation never counts as (or shortens) a step."""
+        began = self.clock()
+        yield
+        seconds = self.clock() - began
+        if work == "step":
+            self.step_seconds = seconds if not self.step_seconds else 0.9 * self.step_seconds + 0.1 * seconds
+        elif work == "eval":
+            self.eval_seconds = max(self.eval_seconds, seconds)
+        else:
+            self.save_seconds = max(self.save_seconds, seconds)
 
     def reserve_seconds(self) -> float:
         """Time kept back for a last evaluation, the final checkpoint, the best-model export and
@@ -90,5 +93,5 @@ class TimeBudget:
     def exhausted(self) -> bool:
         if not self.minutes:
             return False
-        left = self.minutes * 60 - (time.time() - self.started_at)
+        left = self.minutes * 60 - (self.clock() - self.started_at)
         return self.step_seconds + self.reserve_seconds() > left

@@ -154,7 +154,8 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
                                                    state.position, state.global_batch)
             mine = indices[device.rank * state.per_rank_batch:(device.rank + 1) * state.per_rank_batch]
             try:
-                outcome = optimizer_step(state, train_blocks[np.sort(mine)], device, t.max_grad_norm)
+                with budget.timing("step"):
+                    outcome = optimizer_step(state, train_blocks[np.sort(mine)], device, t.max_grad_norm)
             except memory.OutOfMemoryAtMicroBatchOne:
                 reason = StopReason.OUT_OF_MEMORY  # the position stays before this step
                 break
@@ -165,14 +166,15 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
             reporter.scalars({"train/loss": outcome.loss, "train/grad_norm": outcome.grad_norm,
                               "train/learning_rate": state.scheduler.get_last_lr()[0]}, state.step)
             if state.step % t.eval_steps == 0 or state.step == steps:
-                budget.eval_took(_evaluate_and_record(state, ctx, window))
+                with budget.timing("eval"):
+                    _evaluate_and_record(state, ctx, window)
             if state.step % t.save_steps == 0 or state.step == steps:
                 distributed.check_in_sync(state.model, state.step, device)
-                budget.save_took(_save_checkpoint(state, ctx))
+                with budget.timing("save"):
+                    _save_checkpoint(state, ctx)
             if state.bad_streak >= t.max_bad_steps:
                 reason = StopReason.BAD_LOSS
                 break
-            budget.step_done()
     last_recorded = state.history[-1]["step"] if state.history else None
     if reason is StopReason.TIME_BUDGET and last_recorded != state.step:  # the history ends where training did
         _evaluate_and_record(state, ctx, window)
@@ -250,10 +252,10 @@ def _progress(state: TrainState, outcome: StepOutcome, window: _Window, device: 
     return shown
 
 
-def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> float:
+def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> None:
     """Validation loss into the history (one record per evaluation, with samples of the prompts);
-    a new best is saved. Returns the seconds it took."""
-    began, cfg = time.perf_counter(), ctx.cfg
+    a new best is saved."""
+    cfg = ctx.cfg
     state.val_loss = evaluate(state.model, ctx.val_blocks, ctx.device, cfg.train.batch_size)
     state.train_loss = float(np.mean(window.losses)) if window.losses else math.nan
     recorded = sum(len(r.get("events", [])) for r in state.history)
@@ -285,7 +287,6 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> float
         if ctx.device.is_main:
             checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(ctx.config))
     window.reset(state.tokens_seen)  # throughput counts training, not evaluation and its saves
-    return time.perf_counter() - began
 
 
 def _evaluation_scalars(record: dict, device: Device) -> dict[str, float]:
@@ -296,17 +297,16 @@ def _evaluation_scalars(record: dict, device: Device) -> dict[str, float]:
     return scalars
 
 
-def _save_checkpoint(state: TrainState, ctx: _Run) -> float:
+def _save_checkpoint(state: TrainState, ctx: _Run) -> None:
     """Checkpoint this step (once, from rank 0, with every rank's RNG state: all of them call
     it at the same step), rotate, and drop the emergency checkpoint it supersedes."""
     rng_states = distributed.gather(capture_rng(), ctx.device)
     if not ctx.device.is_main:
-        return 0.0
+        return
     cfg, config = ctx.cfg, ctx.config
     path = checkpoint.checkpoint_path(cfg.output_dir, state.epoch, state.step)
     if path.exists():
-        return 0.0
-    seconds = checkpoint.save(path, state.state_dict(config, rng_states))
+        return
+    checkpoint.save(path, state.state_dict(config, rng_states))
     checkpoint.rotate(path.parent, cfg.train.max_checkpoints)
     (cfg.output_dir / checkpoint.EMERGENCY).unlink(missing_ok=True)
-    return seconds

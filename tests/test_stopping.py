@@ -6,6 +6,16 @@ import pytest
 from nblib import stopping
 
 
+def test_steps_evaluations_and_saves_are_timed_apart():
+    """An evaluation or a save never enters the step average (before, each left a ~0 s step)."""
+    readings = iter([0, 1, 1, 31, 31, 32, 32, 52, 52, 53])
+    budget = stopping.TimeBudget(minutes=10, started_at=0, clock=lambda: next(readings))
+    for work in ("step", "eval", "step", "save", "step"):
+        with budget.timing(work):
+            pass
+    assert (budget.step_seconds, budget.eval_seconds, budget.save_seconds) == (1, 30, 20)
+
+
 def test_time_budget_stops_while_a_step_save_and_export_still_fit():
     budget = stopping.TimeBudget(minutes=1, started_at=time.time() - 40)
     budget.step_seconds, budget.save_seconds = 1.0, 2.0

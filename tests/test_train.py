@@ -1,5 +1,6 @@
 import math
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
@@ -108,17 +109,26 @@ def test_a_run_that_cannot_fit_on_disk_is_refused_at_start(tiny_config, monkeypa
     assert not (tiny_config.output_dir / "checkpoints").exists()
 
 
-def test_time_budget_saves_a_checkpoint_and_stops(tmp_path, wikitext_file, tokenizer_dir):
-    import time
+def test_time_budget_saves_a_checkpoint_and_stops(tmp_path, wikitext_file, tokenizer_dir, monkeypatch):
+    clock = FakeClock()  # each reading is a second later: steps, evaluations and saves take 1 s
+    monkeypatch.setattr(stopping, "TimeBudget", partial(stopping.TimeBudget, clock=clock))
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
-                       max_steps=100_000, save_steps=10_000, time_budget_minutes=0.3)
-    cfg = replace(config.resolve(base), started_at=time.time())  # the clock of a session starting now
-    result, _ = run_tiny(cfg)
+                       max_steps=100_000, save_steps=10_000, time_budget_minutes=1)
+    result, _ = run_tiny(replace(config.resolve(base), started_at=0.0))
     assert result.stop_reason is train.StopReason.TIME_BUDGET
-    assert time.time() - cfg.started_at < 0.3 * 60
+    assert 0 < result.state.step < 20 and clock.now < 60
     assert "stopped at the time budget; resume with resume_from_checkpoint='auto'" in result.describe()
-    saved = checkpoint.list_checkpoints(cfg.output_dir / "checkpoints")
-    assert [s for s, _ in saved] == [result.state.step] and result.state.step > 0
+    saved = checkpoint.list_checkpoints(result.run_dir / "checkpoints")
+    assert [s for s, _ in saved] == [result.state.step]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
 
 
 def test_continuing_across_kaggle_sessions(tmp_path, wikitext_file, tokenizer_dir, monkeypatch):
