@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import checkpoint, config, hardware, model, step  # noqa: E402
+from nblib import checkpoint, config, hardware, model, optimization  # noqa: E402
 
 
 class SizedTokenizer:
@@ -34,11 +34,11 @@ def main() -> None:
     cfg = config.resolve({"preset": "kaggle-t4", "output_dir": tempfile.mkdtemp(), "gradient_accumulation_steps": 1})
     device = hardware.detect(cfg.train.precision)
     net = model.build(cfg.model, SizedTokenizer(cfg.model.vocab_size))
-    state = step.new_state(cfg, device, net, 100)
+    state = optimization.new_state(cfg, device, net, 100)
     blocks = np.random.default_rng(0).integers(0, 50256, size=(cfg.train.batch_size, cfg.train.max_length + 1))
-    step.optimizer_step(state, blocks, device, 1.0)  # AdamW's moments now exist
+    optimization.optimizer_step(state, blocks, device, 1.0)  # AdamW's moments now exist
     started = time.perf_counter()
-    step.optimizer_step(state, blocks, device, 1.0)
+    optimization.optimizer_step(state, blocks, device, 1.0)
     micro_seconds = time.perf_counter() - started
     step_seconds = micro_seconds * config.PRESET_VALUES["kaggle-t4"]["gradient_accumulation_steps"]
 

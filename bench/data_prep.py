@@ -40,13 +40,13 @@ print(time.perf_counter() - started, count)
 FIRST_STEP = """
 import time
 started = time.perf_counter()
-from nblib import config, data, hardware, model, state, step
+from nblib import config, data, hardware, model, optimization, state
 cfg = config.resolve(dict(preset="smoke", output_dir=__import__("sys").argv[1]))
 state.seed_everything(0)
 corpus = data.prepare(cfg)
 device = hardware.detect(cfg.train.precision)
-s = step.new_state(cfg, device, model.build(cfg.model, corpus.tokenizer), 10)
-step.optimizer_step(s, corpus.blocks("train")[__import__("numpy").arange(16)], device, 1.0)
+s = optimization.new_state(cfg, device, model.build(cfg.model, corpus.tokenizer), 10)
+optimization.optimizer_step(s, corpus.blocks("train")[__import__("numpy").arange(16)], device, 1.0)
 print(time.perf_counter() - started)
 """
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import config, data, distributed, hardware, launch, model, state, train  # noqa: E402
+from nblib import collectives, config, data, hardware, launch, model, state, train  # noqa: E402
 from throughput import flops_per_token  # noqa: E402
 
 GPU_SHAPE = dict(preset="kaggle-t4", dataset="builtin:python-docs", dataset_config="", tokenizer="bpe:8192",
@@ -128,7 +128,7 @@ def check_two_ranks(runs: Runs, steps: int) -> None:
     one, _ = runs.run(max_steps=steps, eval_steps=steps, save_steps=steps, devices=1)
     two, cfg = runs.run(world_size=2, max_steps=steps, eval_steps=steps, save_steps=steps)
     device = dataclasses.replace(hardware.detect(cfg.train.precision, 1), world_size=2)
-    emit("two_ranks", backend=distributed.backend(device), global_batch=[one.state.global_batch, two.state.global_batch],
+    emit("two_ranks", backend=collectives.backend(device), global_batch=[one.state.global_batch, two.state.global_batch],
          max_loss_difference=max(abs(a - b) for a, b in zip(one.state.step_losses, two.state.step_losses)),
          tokens_per_second={"one": round(one.history[-1]["tokens_per_second"]),
                             "two": round(two.history[-1]["tokens_per_second"])})

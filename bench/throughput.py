@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import config, data, hardware, model, state, step, tokenizer, train  # noqa: E402
+from nblib import config, data, hardware, model, optimization, state, tokenizer, train  # noqa: E402
 
 SIZES = {  # the smoke preset's model, and the guide's model with a 128-token block
     "smoke": dict(preset="smoke", vocab_size=512, batch_size=16, gradient_accumulation_steps=1),
@@ -68,7 +68,7 @@ def run_minimal(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: 
     state.seed_everything(0)
     device = hardware.detect(cfg.train.precision)
     net = model.build(cfg.model, corpus.tokenizer)
-    opt = step.build_optimizer(net, cfg)
+    opt = optimization.build_optimizer(net, cfg)
     blocks, t = corpus.blocks("train"), cfg.train
     n_micro = (warmup + steps) * t.gradient_accumulation_steps
     micro = np.random.default_rng(0).permutation(len(blocks))[: n_micro * t.batch_size].reshape(n_micro, -1)

@@ -1,13 +1,13 @@
 """nblib: the tested library behind the GPT-2 training notebook.
 
-The notebook calls one module per step: config -> hardware -> data -> model -> train ->
-export -> generate -> plots. Modules load on first use (`nblib.data`), so `python -m
-nblib.generate` and `python -m nblib.job` run without importing the rest.
+The notebook calls one module per step: config -> hardware -> data -> model -> launch ->
+evaluation -> export -> generate -> plots. Modules load on first use (`nblib.data`), so
+`python -m nblib.generate` and `python -m nblib.job` run without importing the rest.
 """
 import importlib
+from pathlib import Path
 
-__all__ = ["checkpoint", "config", "contract", "data", "distributed", "export", "files", "generate", "hardware", "job",
-           "launch", "lock", "lora", "memory", "model", "paths", "plots", "progress", "report", "sources", "specs", "state", "step", "stopping", "tokenizer", "train"]
+__all__ = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_"))
 
 
 def __getattr__(name: str):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, distributed
+from . import checkpoint, collectives
 from .config import PARAMETERS, RunConfig
 from .specs import GPT2_TOKENIZER, GPT2_TOKENIZERS
 from .state import TrainState, global_batch_of
@@ -194,7 +194,7 @@ def _split_global_batch(state: TrainState, cfg: RunConfig, world_size: int, new_
     the split was changed, else the checkpoint's (OOM back-offs kept)."""
     batch_size = cfg.train.batch_size if new_split else state.batch_size
     if new_split or state.world_size != world_size:  # check() made sure the processes share it evenly
-        state.batch_size, state.gradient_accumulation_steps = distributed.share(
+        state.batch_size, state.gradient_accumulation_steps = collectives.share(
             state.global_batch, batch_size, world_size)
     if state.world_size != world_size:
         log.info("resuming a %d-process run in %d: global batch %d kept as %d x %d per process",

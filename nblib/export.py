@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from . import checkpoint, files, generate, lora
 from . import model as model_weights
 from .config import SamplingConfig
-from .step import weights_are_finite
+from .model import weights_are_finite
 
 log = logging.getLogger(__name__)
 

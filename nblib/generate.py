@@ -78,8 +78,8 @@ def load(path: Path, tokenizer: PreTrainedTokenizerFast | None = None) -> tuple[
     return AutoModelForCausalLM.from_pretrained(str(path)), tokenizer or AutoTokenizer.from_pretrained(str(path))
 
 
-def pick(sample_from: str, model: PreTrainedModel,
-         tokenizer: PreTrainedTokenizerFast) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def model_to_sample(sample_from: str, model: PreTrainedModel,
+                    tokenizer: PreTrainedTokenizerFast) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """The notebook's generate cell: `model` when `sample_from` is "", else what `load` gives."""
     return (model, tokenizer) if not sample_from else load(Path(sample_from), tokenizer)
 

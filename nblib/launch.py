@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from . import checkpoint, data, distributed, lock, progress, state, step, stopping, train
+from . import checkpoint, collectives, data, lock, optimization, progress, state, stopping, train
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -56,7 +56,7 @@ def spawn(cfg: RunConfig, device: Device, model: torch.nn.Module) -> train.RunRe
         outcome, signal_name = _supervise(cfg, device, weights)
     finally:
         weights.unlink(missing_ok=True)
-    final = step.new_state(cfg, dataclasses.replace(device, world_size=1), model, outcome["total_steps"])
+    final = optimization.new_state(cfg, dataclasses.replace(device, world_size=1), model, outcome["total_steps"])
     final.load_state_dict(checkpoint.load(outcome["saved"]))
     return train.RunResult(final, train.StopReason(outcome["stop_reason"]), cfg.output_dir,
                            outcome["elapsed_seconds"], signal_name or outcome["signal_name"],
@@ -117,7 +117,7 @@ def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights:
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     # Rank 0 alone saves, evaluates samples and writes: the others may wait that long at a collective.
-    dist.init_process_group(distributed.backend(device), rank=rank, world_size=world_size,
+    dist.init_process_group(collectives.backend(device), rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=30))
     try:
         device = dataclasses.replace(device, rank=rank, device=gpu if device.is_cuda else device.device)

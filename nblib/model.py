@@ -115,3 +115,7 @@ def describe(model: GPT2LMHeadModel) -> str:
         text += (f"; trainable: {counts['trainable']:,} ({100 * counts['trainable'] / counts['total']:.2f}%, "
                  "the LoRA adapters)")
     return text
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())

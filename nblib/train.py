@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, contract, distributed, files, generate, memory, progress, report, stopping
+from . import checkpoint, collectives, contract, files, generate, oom, progress, report, stopping
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
 from .state import TrainState, capture_rng, global_batch_of
-from .step import StepOutcome, evaluate, new_state, optimizer_step, perplexity, weights_are_finite
+from .evaluation import evaluate, perplexity
+from .model import weights_are_finite
+from .optimization import StepOutcome, new_state, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
 
     budget = stopping.TimeBudget(t.time_budget_minutes, cfg.started_at,
                                  save_seconds=checkpoint.projected_bytes(model) / SAVE_BYTES_PER_SECOND)
-    interrupt = stopping.InterruptFlag(escalate=not distributed.in_worker())
+    interrupt = stopping.InterruptFlag(escalate=not collectives.in_worker())
     reporter = report.open_reporter(cfg.report_to, run_dir, config) if device.is_main else report.Reporter()
     ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, reporter, time.perf_counter(), steps)
     window, reason = _Window(state.tokens_seen), StopReason.COMPLETED
@@ -146,7 +148,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
         budget.refuse_if_spent()
     with interrupt.installed(), _progress_bar(steps, state.step, device, messages) as bar:
         while state.step < steps:
-            interrupted, out_of_time = distributed.agree(bool(interrupt), budget.exhausted(), device=device)
+            interrupted, out_of_time = collectives.agree(bool(interrupt), budget.exhausted(), device=device)
             if interrupted or out_of_time:  # between steps: the state is whole
                 reason = StopReason.INTERRUPTED if interrupted else StopReason.TIME_BUDGET
                 break
@@ -156,7 +158,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
             try:
                 with budget.timing("step"):
                     outcome = optimizer_step(state, train_blocks[np.sort(mine)], device, t.max_grad_norm)
-            except memory.OutOfMemoryAtMicroBatchOne:
+            except oom.OutOfMemoryAtMicroBatchOne:
                 reason = StopReason.OUT_OF_MEMORY  # the position stays before this step
                 break
             state.epoch, state.position = epoch, position
@@ -169,7 +171,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
                 with budget.timing("eval"):
                     _evaluate_and_record(state, ctx, window)
             if state.step % t.save_steps == 0 or state.step == steps:
-                distributed.check_in_sync(state.model, state.step, device)
+                collectives.check_in_sync(state.model, state.step, device)
                 with budget.timing("save"):
                     _save_checkpoint(state, ctx)
             if state.bad_streak >= t.max_bad_steps:
@@ -223,7 +225,7 @@ def _save_on_stop(reason: StopReason, state: TrainState, ctx: _Run) -> None:
     if reason in (StopReason.COMPLETED, StopReason.TIME_BUDGET):
         _save_checkpoint(state, ctx)
         return
-    rng_states = distributed.gather(capture_rng(), ctx.device)
+    rng_states = collectives.gather(capture_rng(), ctx.device)
     if ctx.device.is_main:  # skipped steps changed no weights, so for a bad loss these are the last good ones
         checkpoint.save(ctx.cfg.output_dir / checkpoint.EMERGENCY, state.state_dict(ctx.config, rng_states))
 
@@ -300,7 +302,7 @@ def _evaluation_scalars(record: dict, device: Device) -> dict[str, float]:
 def _save_checkpoint(state: TrainState, ctx: _Run) -> None:
     """Checkpoint this step (once, from rank 0, with every rank's RNG state: all of them call
     it at the same step), rotate, and drop the emergency checkpoint it supersedes."""
-    rng_states = distributed.gather(capture_rng(), ctx.device)
+    rng_states = collectives.gather(capture_rng(), ctx.device)
     if not ctx.device.is_main:
         return
     cfg, config = ctx.cfg, ctx.config

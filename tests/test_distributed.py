@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nblib import checkpoint, distributed, launch
+from nblib import checkpoint, collectives, launch
 from conftest import tiny_params
 from test_notebook import execute, outputs_text
 
@@ -59,7 +59,7 @@ def _diverging_worker(rank: int, port: int) -> None:
             layer.weight.fill_(1.0 + rank * 1e-6)  # rank 1 drifts by a hair
             layer.bias.zero_()
         from nblib.hardware import Device
-        distributed.check_in_sync(layer, 7, Device(torch.device("cpu"), "fp32", world_size=2, rank=rank))
+        collectives.check_in_sync(layer, 7, Device(torch.device("cpu"), "fp32", world_size=2, rank=rank))
     finally:
         dist.destroy_process_group()
 

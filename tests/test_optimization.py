@@ -3,23 +3,23 @@ import math
 import pytest
 import torch
 
-from nblib import checkpoint, config, data, hardware, model, step, train
+from nblib import checkpoint, config, data, hardware, model, optimization, train
 from conftest import tiny_params
 from test_train import run_tiny
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
-    factors = [step.lr_factor(s, warmup_steps=10, total_steps=110) for s in range(111)]
+    factors = [optimization.lr_factor(s, warmup_steps=10, total_steps=110) for s in range(111)]
     assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
     assert factors[10] == pytest.approx(1.0)
     assert factors[60] == pytest.approx(0.55)
-    assert factors[110] == pytest.approx(step.MIN_LR_RATIO)
+    assert factors[110] == pytest.approx(optimization.MIN_LR_RATIO)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
 
 
 def test_weight_decay_only_on_matrices(tiny_config):
     net = model.build(tiny_config.model, data.prepare(tiny_config).tokenizer)
-    opt = step.build_optimizer(net, tiny_config)
+    opt = optimization.build_optimizer(net, tiny_config)
     decay, no_decay = opt.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.01
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
@@ -58,7 +58,7 @@ def test_a_nan_loss_skips_the_update_and_is_counted(tiny_config, nan_on_steps, p
     assert result.stop_reason is train.StopReason.COMPLETED and s.step == 12
     assert s.skipped_steps == 2 and math.isnan(s.step_losses[2]) and math.isnan(s.step_losses[3])
     assert result.history[0]["skipped_steps"] == 2
-    assert step.weights_are_finite(net)
+    assert model.weights_are_finite(net)
 
 
 def test_an_fp16_overflow_is_skipped_by_the_scaler_without_counting_as_a_bad_loss(tiny_config):
@@ -67,16 +67,16 @@ def test_an_fp16_overflow_is_skipped_by_the_scaler_without_counting_as_a_bad_los
     corpus = data.prepare(tiny_config)
     device = hardware.detect("fp16")
     net = model.build(tiny_config.model, corpus.tokenizer)
-    state = step.new_state(tiny_config, device, net, steps=12)
+    state = optimization.new_state(tiny_config, device, net, steps=12)
     state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    outcome = step.optimizer_step(state, corpus.blocks("train")[:8], device, max_grad_norm=1.0)
+    outcome = optimization.optimizer_step(state, corpus.blocks("train")[:8], device, max_grad_norm=1.0)
     assert math.isfinite(outcome.loss) and not math.isfinite(outcome.grad_norm)
     assert not outcome.applied and not outcome.bad_loss
     assert state.scaler.get_scale() == 2.0 ** 59
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     state.scaler = torch.amp.GradScaler("cpu")  # an ordinary scale: the next step trains
-    assert step.optimizer_step(state, corpus.blocks("train")[8:16], device, max_grad_norm=1.0).applied
+    assert optimization.optimizer_step(state, corpus.blocks("train")[8:16], device, max_grad_norm=1.0).applied
 
 
 def test_a_streak_of_bad_losses_stops_with_the_last_good_weights(tmp_path, wikitext_file, tokenizer_dir, nan_on_steps):
@@ -109,4 +109,4 @@ def test_torch_compile_is_refused_on_a_gpu_below_7_0():
     device = hardware.Device(torch.device("cpu"), "fp32", gpu_name="Tesla P100", compute_capability=(6, 0))
     object.__setattr__(device, "device", torch.device("cuda", 0))
     with pytest.raises(ValueError, match="torch_compile=True: torch.compile needs compute capability 7.0"):
-        step.compiled_forward(torch.nn.Linear(1, 1), device)
+        optimization.compiled_forward(torch.nn.Linear(1, 1), device)

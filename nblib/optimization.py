@@ -1,4 +1,4 @@
-"""The arithmetic of training: optimizer and schedule, one optimizer step, evaluation."""
+"""The arithmetic of training: the optimizer and its schedule, and one optimizer step."""
 from __future__ import annotations
 
 import contextlib
@@ -8,11 +8,11 @@ from functools import partial
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import distributed, memory
+from . import collectives, oom
 from .config import RunConfig
 from .hardware import Device
+from .loss import loss_of, to_batch
 from .state import TrainState
 
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak, as nanoGPT does
@@ -39,10 +39,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
-
-
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not biases, norms); the fused kernel, on CUDA and
     on CPU alike (7x faster than the default per-tensor loop for the guide's model on a CPU)."""
@@ -59,9 +55,9 @@ def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int
     model.to(device.device)
     optimizer = build_optimizer(model, cfg)
     schedule = partial(lr_factor, warmup_steps=cfg.train.warmup_steps, total_steps=steps)
-    ddp = distributed.wrap(model, device) if distributed.in_worker() else None
+    ddp = collectives.wrap(model, device) if collectives.in_worker() else None
     forward = model if ddp is None else ddp
-    batch_size, accumulation = distributed.share(cfg.train.global_batch, cfg.train.batch_size, device.world_size)
+    batch_size, accumulation = collectives.share(cfg.train.global_batch, cfg.train.batch_size, device.world_size)
     return TrainState(
         model=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
@@ -79,21 +75,6 @@ def compiled_forward(model: torch.nn.Module, device: Device) -> torch.nn.Module:
         raise ValueError(f"torch_compile=True: torch.compile needs compute capability 7.0 or more, "
                          f"this GPU has {device.compute_capability}; set torch_compile=False")
     return torch.compile(model)
-
-
-def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T+1) token blocks -> inputs and targets, each (B, T) int64 on the device."""
-    tokens = torch.from_numpy(blocks.astype(np.int64))
-    if device.is_cuda:
-        tokens = tokens.pin_memory().to(device.device, non_blocking=True)
-    return tokens[:, :-1], tokens[:, 1:]
-
-
-def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: Device,
-            reduction: str = "mean") -> torch.Tensor:
-    with device.autocast():
-        logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V); no KV cache in training
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
 
 def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device) -> torch.Tensor:
@@ -124,11 +105,11 @@ def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_gr
     """
     optimizer = state.optimizer
     reset = partial(optimizer.zero_grad, set_to_none=True)
-    loss_sum = memory.retry_on_oom(state, len(blocks), lambda: accumulate_gradients(state, blocks, device),
-                                   reset, agree=lambda oom: distributed.any_rank(oom, device))
+    loss_sum = oom.retry_on_oom(state, len(blocks), lambda: accumulate_gradients(state, blocks, device),
+                                   reset, agree=lambda oom: collectives.any_rank(oom, device))
     if state.ddp is not None:  # after the ranks agreed on OOM: no rank waits on one that backs off
-        distributed.average_gradients(state.model)
-    loss_sum = distributed.mean_over_ranks(loss_sum)  # every rank takes the same skip decision
+        collectives.average_gradients(state.model)
+    loss_sum = collectives.mean_over_ranks(loss_sum)  # every rank takes the same skip decision
     if state.scaler:
         state.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_grad_norm)
@@ -142,26 +123,3 @@ def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_gr
     reset()
     state.scheduler.step()
     return StepOutcome(loss, norm, applied)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, blocks: np.ndarray, device: Device, batch_size: int) -> float:
-    """Mean loss per target token over `blocks`, whatever the eval batch (`batch_size`, or less
-    after an OOM): the same blocks give the same loss up to float rounding."""
-    if len(blocks) == 0:
-        raise ValueError("no blocks to evaluate: a loss over nothing would read as 0")
-
-    def mean_loss(eval_batch: int) -> float:
-        model.eval()
-        total, tokens = torch.zeros((), dtype=torch.float64, device=device.device), 0
-        for start in range(0, len(blocks), eval_batch):
-            inputs, targets = to_batch(blocks[start:start + eval_batch], device)
-            total += loss_of(model, inputs, targets, device, reduction="sum").double()
-            tokens += targets.numel()
-        return (total / tokens).item()
-
-    return memory.evaluate_with_backoff(mean_loss, batch_size)
-
-
-def weights_are_finite(model: torch.nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in model.parameters())

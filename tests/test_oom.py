@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from nblib import checkpoint, config, memory, train
+from nblib import checkpoint, config, oom, train
 from conftest import tiny_params
 from test_train import run_tiny
 
@@ -56,9 +56,9 @@ def test_resume_keeps_the_reduced_micro_batch(tmp_path, wikitext_file, tokenizer
 
 
 def test_old_style_runtime_error_is_recognised_and_others_are_not():
-    assert memory.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
-    assert memory.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
-    assert not memory.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert oom.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert oom.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not oom.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 def test_oom_at_micro_batch_one_saves_an_emergency_checkpoint_and_names_the_fix(tiny_config, oom_above):

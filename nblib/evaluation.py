@@ -1,0 +1,34 @@
+"""Validation: the mean loss per token over fixed blocks, whatever the eval batch, and perplexity."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import oom
+from .hardware import Device
+from .loss import loss_of, to_batch
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, blocks: np.ndarray, device: Device, batch_size: int) -> float:
+    """Mean loss per target token over `blocks`, whatever the eval batch (`batch_size`, or less
+    after an OOM): the same blocks give the same loss up to float rounding."""
+    if len(blocks) == 0:
+        raise ValueError("no blocks to evaluate: a loss over nothing would read as 0")
+
+    def mean_loss(eval_batch: int) -> float:
+        model.eval()
+        total, tokens = torch.zeros((), dtype=torch.float64, device=device.device), 0
+        for start in range(0, len(blocks), eval_batch):
+            inputs, targets = to_batch(blocks[start:start + eval_batch], device)
+            total += loss_of(model, inputs, targets, device, reduction="sum").double()
+            tokens += targets.numel()
+        return (total / tokens).item()
+
+    return oom.evaluate_with_backoff(mean_loss, batch_size)
