@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from . import checkpoint, collectives, data, lock, optimization, progress, state, stopping, train
+from . import checkpoint, collectives, data, lock, progress, state, stopping, train
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -41,10 +41,10 @@ def fit(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     lock.hold(cfg.output_dir)  # the notebook took it in the setup cell; workers run under it
     if device.world_size == 1:
         return train.run(cfg, device, model, corpus)
-    return spawn(cfg, device, model)
+    return spawn(cfg, device, model, corpus)
 
 
-def spawn(cfg: RunConfig, device: Device, model: torch.nn.Module) -> train.RunResult:
+def spawn(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) -> train.RunResult:
     """Train in `device.world_size` worker processes; returns rank 0's RunResult, rebuilt here."""
     # The weights go through a file, not the process arguments: those would put every tensor in
     # /dev/shm, which Docker sizes at 64 MB (the guide model's embedding alone is 49 MB).
@@ -53,22 +53,21 @@ def spawn(cfg: RunConfig, device: Device, model: torch.nn.Module) -> train.RunRe
     weights = Path(name)
     try:
         torch.save(model.cpu(), weights)
-        outcome, signal_name = _supervise(cfg, device, weights)
+        outcome, signal_name = _supervise(cfg, device, weights, corpus.cache_dir)
     finally:
         weights.unlink(missing_ok=True)
-    final = optimization.new_state(cfg, dataclasses.replace(device, world_size=1), model, outcome["total_steps"])
-    final.load_state_dict(checkpoint.load(outcome["saved"]))
+    final = state.TrainState.outcome(model, checkpoint.load(outcome["saved"]))
     return train.RunResult(final, train.StopReason(outcome["stop_reason"]), cfg.output_dir,
                            outcome["elapsed_seconds"], signal_name or outcome["signal_name"],
                            outcome["total_steps"])
 
 
-def _supervise(cfg, device: Device, weights: Path) -> tuple[dict, str | None]:
+def _supervise(cfg, device: Device, weights: Path, cache_dir: Path) -> tuple[dict, str | None]:
     """Start the workers, relay rank 0's progress and logs, forward an interrupt; returns rank
     0's outcome and the signal that interrupted this process, if any."""
     messages = mp.get_context("spawn").SimpleQueue()
     context = mp.start_processes(
-        _worker, args=(device.world_size, _free_port(), cfg, device, weights, messages),
+        _worker, args=(device.world_size, _free_port(), cfg, device, weights, cache_dir, messages),
         nprocs=device.world_size, join=False, start_method="spawn")
     interrupt, forwarded, outcome = stopping.InterruptFlag(), False, None
     with interrupt.installed(), progress.bar(total=None, initial=0) as bar:
@@ -108,7 +107,8 @@ def _handle(message: tuple, bar) -> dict | None:
     return None
 
 
-def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights: Path, messages) -> None:
+def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights: Path, cache_dir: Path,
+            messages) -> None:
     _log_to_parent(messages, rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device.is_cuda:
@@ -123,7 +123,7 @@ def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights:
         device = dataclasses.replace(device, rank=rank, device=gpu if device.is_cuda else device.device)
         model = torch.load(weights, weights_only=False)  # the parent's model, written a moment ago
         state.seed_everything(cfg.train.seed, rank)  # dropout masks of their own on each rank
-        result = train.run(cfg, device, model, data.prepare(cfg), messages=messages if rank == 0 else None)
+        result = train.run(cfg, device, model, data.open_cache(cache_dir, cfg))  # the parent's tokens
         if rank == 0:
             messages.put(("result", {
                 "stop_reason": result.stop_reason.value, "elapsed_seconds": result.elapsed_seconds,
@@ -136,7 +136,9 @@ def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights:
 
 
 def _log_to_parent(messages, rank: int) -> None:
-    """Rank 0's log lines go to the notebook through the parent (the others' errors only)."""
+    """Rank 0's log lines and progress bar go to the notebook through the parent (the others'
+    errors only)."""
+    progress.send_to(messages)
     root = logging.getLogger()
     root.handlers[:] = [_QueueHandler(messages)]
     root.setLevel(logging.INFO if rank == 0 else logging.ERROR)

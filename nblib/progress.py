@@ -1,10 +1,26 @@
-"""Progress bars: tqdm in the process that trains, or rank 0's drawn by the notebook's process."""
+"""Progress bars: tqdm in the process that trains, or rank 0's drawn by the notebook's process.
+
+A worker process that shows its progress through its parent says so once (`send_to`), as it
+sends its log records there; the loop just asks for a `bar`.
+"""
 from __future__ import annotations
 
 from tqdm.auto import tqdm
 
+_parent = None  # the launcher's queue, in a worker whose bar the parent draws
 
-def bar(total: int | None, initial: int, disable: bool = False) -> tqdm:
+
+def send_to(messages) -> None:
+    """Draw this process's bars in the parent: `messages` is the launcher's queue."""
+    global _parent
+    _parent = messages
+
+
+def bar(total: int | None, initial: int, disable: bool = False):
+    """A progress bar over optimizer steps: tqdm here, or one the parent draws (see `send_to`);
+    none when `disable` (the ranks above 0)."""
+    if _parent is not None and not disable:
+        return ProgressToParent(_parent, total, initial)
     return tqdm(total=total, initial=initial, desc="training", unit="step", mininterval=2.0,
                 dynamic_ncols=True, disable=disable)
 

@@ -15,8 +15,8 @@ from . import model as model_weights
 @dataclass
 class TrainState:
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimizer: torch.optim.Optimizer | None  # None: an outcome to read, not a state to resume (`outcome`)
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler | None
     batch_size: int  # micro-batch in use (OOM recovery may lower it)
     gradient_accumulation_steps: int  # raised with it, so this process's blocks per step stay fixed
@@ -65,6 +65,15 @@ class TrainState:
             "bad_streak": self.bad_streak, "events": list(self.events), "config": config,
         }
 
+    @classmethod
+    def outcome(cls, model: torch.nn.Module, checkpoint: dict[str, Any]) -> "TrainState":
+        """The weights, counters and history of a checkpoint, without an optimizer: how the
+        notebook's process reads what its data-parallel workers left."""
+        state = cls(model, None, None, None, batch_size=0, gradient_accumulation_steps=0, global_batch=0)
+        model_weights.load_weights(model, checkpoint)
+        state._load_progress(checkpoint)
+        return state
+
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         """Restore from a checkpoint dict (tensors may be on any device)."""
         model_weights.load_weights(self.model, checkpoint)
@@ -72,6 +81,10 @@ class TrainState:
         self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
         if self.scaler and checkpoint.get("scaler_state_dict"):
             self.scaler.load_state_dict(checkpoint["scaler_state_dict"])
+        self._load_progress(checkpoint)
+        self._restore_rng(checkpoint)
+
+    def _load_progress(self, checkpoint: dict[str, Any]) -> None:
         for name in ("epoch", "step", "position", "tokens_seen", "best_val_loss", "train_loss",
                      "val_loss", "batch_size", "gradient_accumulation_steps"):
             setattr(self, name, checkpoint[name])
@@ -82,7 +95,6 @@ class TrainState:
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self.bad_streak = checkpoint.get("bad_streak", 0)
         self.events = list(checkpoint.get("events", []))
-        self._restore_rng(checkpoint)
 
     def _restore_rng(self, checkpoint: dict[str, Any]) -> None:
         """This rank's own RNG state (dropout masks differ between ranks). A rank the checkpoint

@@ -108,15 +108,13 @@ def step_blocks(n_blocks: int, seed: int, epoch: int, position: int, count: int)
     return epoch_order(n_blocks, seed, epoch)[position: position + count], epoch, position + count
 
 
-def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
-        messages=None) -> RunResult:
+def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) -> RunResult:
     """Train `model` on `corpus` as `cfg` says, resuming when asked; returns the outcome.
 
     Writes checkpoints, `best_model.pt` and `training_history.json` under `cfg.output_dir`.
     Stops early with a checkpoint to resume from: on SIGINT/SIGTERM, at the time budget, after
     `max_bad_steps` non-finite losses in a row, or when even a micro-batch of 1 is out of memory.
-    In a data-parallel worker (started by `launch`) it trains this rank's share; `messages` is
-    how rank 0 shows its progress through the parent.
+    In a data-parallel worker (started by `launch`) it trains this rank's share.
 
     Raises:
         contract.RunMismatch: the checkpoint to resume belongs to another run.
@@ -146,7 +144,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus,
     window, reason = _Window(state.tokens_seen), StopReason.COMPLETED
     if state.step < steps:
         budget.refuse_if_spent()
-    with interrupt.installed(), _progress_bar(steps, state.step, device, messages) as bar:
+    with interrupt.installed(), progress.bar(steps, state.step, disable=not device.is_main) as bar:
         while state.step < steps:
             interrupted, out_of_time = collectives.agree(bool(interrupt), budget.exhausted(), device=device)
             if interrupted or out_of_time:  # between steps: the state is whole
@@ -196,13 +194,6 @@ class _Run:
     reporter: report.Reporter
     started: float
     total_steps: int
-
-
-def _progress_bar(total: int, initial: int, device: Device, messages):
-    """tqdm in a one-process run; rank 0's bar drawn by the parent; none on the other ranks."""
-    if messages is not None:
-        return progress.ProgressToParent(messages, total, initial)
-    return progress.bar(total, initial, disable=not device.is_main)
 
 
 def _count_step(state: TrainState, outcome: StepOutcome, tokens: int, window: "_Window") -> None:

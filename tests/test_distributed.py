@@ -174,6 +174,7 @@ def test_workers_get_the_weights_through_a_file_not_shared_memory(tiny_config, m
 
     monkeypatch.setattr(launch.mp, "start_processes", capture)
     with pytest.raises(RuntimeError, match="captured"):
-        launch.spawn(tiny_config, hardware.detect("fp32", devices=2), model.build(tiny_config.model, corpus.tokenizer))
+        launch.spawn(tiny_config, hardware.detect("fp32", devices=2), model.build(tiny_config.model, corpus.tokenizer),
+                     corpus)
     assert not any(isinstance(a, (torch.Tensor, torch.nn.Module)) for a in seen["args"])
     assert not seen["args"][4].exists()  # the weights file is gone once the launch ends
