@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import checkpoint, config, hardware, model, optimization  # noqa: E402
+from nblib import checkpoint, config, hardware, model, optimization, params  # noqa: E402
 
 
 class SizedTokenizer:
@@ -31,7 +31,7 @@ class SizedTokenizer:
 
 
 def main() -> None:
-    cfg = config.resolve({"preset": "kaggle-t4", "output_dir": tempfile.mkdtemp(), "gradient_accumulation_steps": 1})
+    cfg = params.resolve({"preset": "kaggle-t4", "output_dir": tempfile.mkdtemp(), "gradient_accumulation_steps": 1})
     device = hardware.detect(cfg.train.precision)
     net = model.build(cfg.model, SizedTokenizer(cfg.model.vocab_size))
     state = optimization.new_state(cfg, device, net, 100)

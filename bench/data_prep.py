@@ -20,9 +20,9 @@ sys.path.insert(0, str(REPO))
 
 PREPARE = """
 import sys, time
-from nblib import config, data
+from nblib import data, params
 started = time.perf_counter()
-corpus = data.prepare(config.resolve(dict(preset="smoke", dataset=sys.argv[1], tokenizer=sys.argv[2],
+corpus = data.prepare(params.resolve(dict(preset="smoke", dataset=sys.argv[1], tokenizer=sys.argv[2],
                                           output_dir=sys.argv[3], max_length=64)))
 print(time.perf_counter() - started, sum(len(t) for t in corpus.tokens.values()))
 """
@@ -41,7 +41,7 @@ FIRST_STEP = """
 import time
 started = time.perf_counter()
 from nblib import config, data, hardware, model, optimization, state
-cfg = config.resolve(dict(preset="smoke", output_dir=__import__("sys").argv[1]))
+cfg = params.resolve(dict(preset="smoke", output_dir=__import__("sys").argv[1]))
 state.seed_everything(0)
 corpus = data.prepare(cfg)
 device = hardware.detect(cfg.train.precision)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import collectives, config, data, hardware, launch, model, state, train  # noqa: E402
+from nblib import collectives, config, data, hardware, launch, model, params, state, train  # noqa: E402
 from throughput import flops_per_token  # noqa: E402
 
 GPU_SHAPE = dict(preset="kaggle-t4", dataset="builtin:python-docs", dataset_config="", tokenizer="bpe:8192",
@@ -68,7 +68,7 @@ class Runs:
         out = self.root / f"run{self.count}"
         if (self.root / "run1" / "data_cache").is_dir() and not out.exists():
             shutil.copytree(self.root / "run1" / "data_cache", out / "data_cache")
-        cfg = config.resolve({**self.shape, "output_dir": str(out), **overrides})
+        cfg = params.resolve({**self.shape, "output_dir": str(out), **overrides})
         device = hardware.detect(cfg.train.precision, cfg.devices)
         device = dataclasses.replace(device, world_size=world_size) if world_size else device
         state.seed_everything(cfg.train.seed)

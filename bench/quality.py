@@ -22,6 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from nblib import config, data, evaluation, hardware, model, state, train  # noqa: E402
+from nblib.params import resolve  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -46,7 +47,7 @@ def main() -> None:
                   dropout=0.0, max_steps=args.steps, warmup_steps=args.steps // 10,
                   eval_steps=args.steps, save_steps=args.steps, output_dir=str(work / "nblib"),
                   resume_from_checkpoint="", **corpus_params(work))
-    cfg = config.resolve(params)
+    cfg = resolve(params)
     corpus = data.prepare(cfg)
     val = corpus.blocks("validation")[: 8 * 40]
     fp32 = hardware.detect("fp32")

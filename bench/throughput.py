@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nblib import config, data, hardware, model, optimization, state, tokenizer, train  # noqa: E402
+from nblib.params import resolve  # noqa: E402
 
 SIZES = {  # the smoke preset's model, and the guide's model with a 128-token block
     "smoke": dict(preset="smoke", vocab_size=512, batch_size=16, gradient_accumulation_steps=1),
@@ -133,7 +134,7 @@ def main() -> None:
         params = {**SIZES[args.size], "precision": precision, "output_dir": tempfile.mkdtemp(),
                   "max_steps": args.warmup + args.steps, "warmup_steps": 2, "eval_steps": args.warmup,
                   "save_steps": 10_000, "eval_blocks": 8, "resume_from_checkpoint": ""}
-        cfg = config.resolve(params)
+        cfg = resolve(params)
         vocab = cfg.model.vocab_size or 512
         corpus = make_corpus(cfg, vocab, blocks=(args.warmup + args.steps + 1) * cfg.train.effective_batch)
         used = hardware.detect(precision).precision

@@ -1,17 +1,17 @@
-"""One typed run configuration: preset + notebook parameters, validated before any heavy work."""
+"""The run configuration's schema and presets, and the rules a resolved configuration must keep.
+
+`params.resolve` turns the notebook's parameters into a RunConfig and checks it here."""
 from __future__ import annotations
 
-import ast
 import dataclasses
-import difflib
 import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from . import paths
-from .specs import GPT2_TOKENIZER, GPT2_VOCAB_SIZE, dataset_problems, pretrained_shape, tokenizer_problems
+from .specs import GPT2_TOKENIZER, GPT2_VOCAB_SIZE, dataset_problems, tokenizer_problems
 
 PRESETS = ("kaggle-t4", "cpu-demo", "smoke")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -160,157 +160,6 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
 }
 
 
-def _field_defaults(cls) -> dict[str, Any]:
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-
-
-# Values no preset changes ("" and None in the notebook fall back to these), taken from the
-# dataclasses' own defaults where they have one.
-_SAMPLING_DEFAULTS = _field_defaults(SamplingConfig)
-_MODEL_DEFAULTS = _field_defaults(ModelConfig)
-_RUN_DEFAULTS = _field_defaults(RunConfig)
-PARAMETER_DEFAULTS = {
-    "output_dir": "", "text_column": "text", "precision": "auto", "seed": 42,
-    "resume_from_checkpoint": "", "dry_run": False, "max_bad_steps": 10, "stride": None,
-    "drop_remainder": True, "token_key": "", "torch_compile": False,
-    **{k: _RUN_DEFAULTS[k] for k in ("devices", "report_to", "lora_export", "sample_from")},
-    **{k: v for k, v in _MODEL_DEFAULTS.items() if k.startswith("lora_") or k == "init_from"},
-    "lora_target_modules": ",".join(_MODEL_DEFAULTS["lora_target_modules"]),  # a comma-separated string
-    **{k: v for k, v in _SAMPLING_DEFAULTS.items() if k != "seed"},
-    "generation_seed": _SAMPLING_DEFAULTS["seed"],
-}
-
-PARAMETERS = (
-    "preset", "output_dir", "dataset", "dataset_config", "text_column", "tokenizer", "stride",
-    "drop_remainder", "token_key",
-    "init_from", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_export",
-    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "dropout",
-    "batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_grad_norm",
-    "epochs", "max_steps", "warmup_steps", "max_length", "save_steps", "eval_steps", "eval_blocks",
-    "max_checkpoints", "time_budget_minutes", "max_bad_steps", "torch_compile", "resume_from_checkpoint",
-    "precision", "devices", "seed", "report_to", "dry_run",
-    "prompts", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-    "num_return_sequences", "generation_seed", "sample_from",
-)
-
-
-def resolve(params: Mapping[str, Any]) -> RunConfig:
-    """Build the validated RunConfig from the notebook's parameters.
-
-    Args:
-        params: the parameters by name: a plain mapping (a job file), or a notebook's
-            `globals()`, whose other names (a user's own `x = 3`) are ignored, except those
-            papermill injected. `None` or `""` means "the preset's value".
-
-    Raises:
-        ValueError: naming every offending parameter, its value and what is allowed; a name
-            that is no parameter (a misspelling) is one of them.
-    """
-    unknown = [_unknown(name) for name in sorted(passed_names(params) - set(PARAMETERS))
-               if not name.startswith("PAPERMILL_")]  # papermill --inject-paths adds these
-    if unknown:
-        raise ValueError(_format(unknown))
-    given = {k: params[k] for k in PARAMETERS if k in params}
-    preset = given.get("preset") or "kaggle-t4"
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: must be one of {', '.join(PRESETS)}")
-    merged = {**PARAMETER_DEFAULTS, **PRESET_VALUES[preset]}
-    explicit = {k: v for k, v in given.items() if v is not None and v != ""}
-    merged.update(explicit)
-    problems = _check_types(merged)
-    if not problems and merged["init_from"] != SCRATCH:
-        problems = pretrained_shape(merged, explicit)
-    if problems:
-        raise ValueError(_format(problems))
-    cfg = _build(preset, merged)
-    problems = validate(cfg)
-    if problems:
-        raise ValueError(_format(problems))
-    return cfg
-
-
-def passed_names(params: Mapping[str, Any]) -> set[str]:
-    """The names a user passed as parameters: every key of a plain mapping; in a notebook's
-    namespace, those papermill assigned in the cell it injects (`# Parameters`, found in
-    IPython's input history `In`), for papermill only logs an unknown name and runs on."""
-    if "__name__" not in params:  # not a module's or kernel's namespace
-        return set(params)
-    names = set()
-    for source in params.get("In") or []:
-        if isinstance(source, str) and source.startswith("# Parameters\n"):
-            try:
-                tree = ast.parse(source)
-            except SyntaxError:
-                continue
-            names |= {target.id for node in tree.body if isinstance(node, ast.Assign)
-                      for target in node.targets if isinstance(target, ast.Name)}
-    return names
-
-
-def _unknown(name: str) -> str:
-    close = difflib.get_close_matches(name, PARAMETERS, n=1)
-    return f"unknown parameter {name}" + (f"; did you mean {close[0]}?" if close else
-                                          " (the parameters are listed in the README)")
-
-
-def _build(preset: str, v: dict[str, Any]) -> RunConfig:
-    def pick(cls, **values):
-        names = [f.name for f in dataclasses.fields(cls) if f.name in v and f.name not in values]
-        return cls(**{name: v[name] for name in names}, **values)
-
-    output_dir = Path(v["output_dir"]) if v["output_dir"] else paths.default_output_dir(preset)
-    targets = tuple(m.strip() for m in v["lora_target_modules"].split(",") if m.strip())
-    prompts = (v["prompts"],) if isinstance(v["prompts"], str) else tuple(v["prompts"])
-    return RunConfig(
-        preset=preset, output_dir=output_dir, data=pick(DataConfig),
-        model=pick(ModelConfig, lora_target_modules=targets), train=pick(TrainConfig),
-        sampling=pick(SamplingConfig, prompts=prompts, seed=v["generation_seed"]),
-        resume_from_checkpoint=str(v["resume_from_checkpoint"]), dry_run=v["dry_run"],
-        devices=v["devices"], report_to=v["report_to"], lora_export=v["lora_export"],
-        sample_from=str(v["sample_from"]),
-    )
-
-
-_INTS = ("n_positions", "n_embd", "n_layer", "n_head", "n_inner", "batch_size",
-         "gradient_accumulation_steps", "epochs", "max_steps", "warmup_steps", "max_length",
-         "save_steps", "eval_steps", "eval_blocks", "max_checkpoints", "max_bad_steps", "seed", "lora_r",
-         "max_new_tokens", "top_k", "num_return_sequences", "generation_seed")
-_FLOATS = ("learning_rate", "weight_decay", "max_grad_norm", "dropout", "time_budget_minutes",
-           "lora_alpha", "lora_dropout", "temperature", "top_p", "repetition_penalty")
-
-
-def _check_types(v: Mapping[str, Any]) -> list[str]:
-    problems = []
-    for name in _INTS + ("vocab_size",):
-        value = v[name]
-        if name == "vocab_size" and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{name}={value!r}: must be an integer")
-    for name in _FLOATS:
-        if isinstance(v[name], bool) or not isinstance(v[name], (int, float)):
-            problems.append(f"{name}={v[name]!r}: must be a number")
-    if v["stride"] is not None and (isinstance(v["stride"], bool) or not isinstance(v["stride"], int)):
-        problems.append(f"stride={v['stride']!r}: must be an integer or None")
-    for name in ("dataset", "dataset_config", "text_column", "tokenizer", "precision",
-                 "resume_from_checkpoint", "output_dir", "token_key", "init_from",
-                 "lora_target_modules", "lora_export", "report_to", "sample_from"):
-        if not isinstance(v[name], (str, Path)):
-            problems.append(f"{name}={v[name]!r}: must be a string")
-    prompts = v["prompts"]
-    if not isinstance(prompts, str) and not (isinstance(prompts, (list, tuple))
-                                             and all(isinstance(x, str) for x in prompts)):
-        problems.append(f"prompts={prompts!r}: must be a list of strings (or one string)")
-    if v["devices"] != "auto" and (isinstance(v["devices"], bool) or not isinstance(v["devices"], int)
-                                   or v["devices"] < 1):
-        problems.append(f"devices={v['devices']!r}: must be 'auto' (every GPU) or a number of "
-                        "processes >= 1")
-    problems += [f"{name}={v[name]!r}: must be True or False"
-                 for name in ("dry_run", "drop_remainder", "torch_compile")
-                 if not isinstance(v[name], bool)]
-    return problems
-
-
 def validate(cfg: RunConfig) -> list[str]:
     """Every problem with a resolved config, as 'name=value: what is allowed' lines."""
     m, t, d = cfg.model, cfg.train, cfg.data
@@ -335,6 +184,8 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append(f"n_embd={m.n_embd!r}: must be divisible by n_head={m.n_head}")
     if t.max_length > m.n_positions:
         problems.append(f"max_length={t.max_length!r}: must be <= n_positions={m.n_positions}")
+    if cfg.devices != "auto" and (isinstance(cfg.devices, str) or cfg.devices < 1):
+        problems.append(f"devices={cfg.devices!r}: must be 'auto' (every GPU) or a number of processes >= 1")
     if t.precision not in PRECISIONS:
         problems.append(f"precision={t.precision!r}: must be one of {', '.join(PRECISIONS)}")
     problems += _validate_sampling(cfg.sampling)
@@ -385,7 +236,3 @@ def _validate_lora(cfg: RunConfig) -> list[str]:
     if not 0 <= m.lora_dropout < 1:
         problems.append(f"lora_dropout={m.lora_dropout!r}: must be in [0, 1)")
     return problems
-
-
-def _format(problems: list[str]) -> str:
-    return "Invalid notebook parameters:\n  - " + "\n  - ".join(problems)

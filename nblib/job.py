@@ -7,13 +7,13 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import config, contract, data, hardware, launch, lock, model, state, train
+from . import contract, data, hardware, launch, lock, model, params, state, train
 
 
-def run(params: Mapping[str, Any]) -> train.RunResult:
-    """Resolve `params`, prepare the data, build the model and train it: the notebook's cells
+def run(values: Mapping[str, Any]) -> train.RunResult:
+    """Resolve `values` (notebook parameters by name), prepare the data, build the model and train it: the notebook's cells
     from setup to train, with no export."""
-    cfg = config.resolve(params)
+    cfg = params.resolve(values)
     device = hardware.detect(cfg.train.precision, cfg.devices)
     state.seed_everything(cfg.train.seed)
     taken = lock.hold(cfg.output_dir)

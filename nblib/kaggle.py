@@ -142,11 +142,12 @@ def _version() -> str:
         return "(no git)"
 
 
-def make_bundle(out: Path, params: dict[str, Any], dataset_id: str) -> Path:
-    """Resolve `params` as the notebook would, tokenize once, and write the bundle to `out`."""
-    from . import bundle, config, data, lock
+def make_bundle(out: Path, values: dict[str, Any], dataset_id: str) -> Path:
+    """Resolve the parameters `values` as the notebook would, tokenize once, and write the
+    bundle to `out`."""
+    from . import bundle, data, lock, params
 
-    cfg = config.resolve(params)
+    cfg = params.resolve(values)
     taken = lock.hold(cfg.output_dir)  # its data cache is built there: not beside a run in progress
     try:
         corpus = data.prepare(cfg)

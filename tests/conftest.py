@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nblib import config, tokenizer
+from nblib import config, params, tokenizer
 
 WORDS = ("the river city was built in north old king wrote a song of stone and light "
          "people came to see new bridge over water during year first war ended").split()
@@ -55,7 +55,7 @@ def tiny_params(tmp_path: Path, **overrides) -> dict:
 
 @pytest.fixture
 def tiny_config(tmp_path, wikitext_file, tokenizer_dir) -> config.RunConfig:
-    return config.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir)))
+    return params.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir)))
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,15 @@ import json
 
 import pytest
 
-from nblib import bundle, config, data
+from nblib import bundle, data
+from nblib.params import resolve
 from conftest import tiny_params
 
 
 @pytest.fixture
 def made_bundle(tmp_path, wikitext_file, tokenizer_dir):
     params = tiny_params(tmp_path / "prep", dataset=str(wikitext_file), tokenizer=str(tokenizer_dir))
-    cfg = config.resolve(params)
+    cfg = resolve(params)
     corpus = data.prepare(cfg)
     out = bundle.write(corpus.cache_dir, cfg, tmp_path / "bundle", "someone/gpt2-tokens")
     return out, params, corpus
@@ -28,7 +29,7 @@ def test_bundle_holds_tokens_tokenizer_config_metadata_and_manifest(made_bundle)
 def test_a_run_from_the_bundle_skips_tokenization(made_bundle, tmp_path, monkeypatch):
     out, params, prepared = made_bundle
     monkeypatch.setattr(data, "build_cache", lambda *a: pytest.fail("tokenized again"))
-    corpus = data.prepare(config.resolve({**params, "dataset": str(out), "output_dir": str(tmp_path / "run")}))
+    corpus = data.prepare(resolve({**params, "dataset": str(out), "output_dir": str(tmp_path / "run")}))
     assert corpus.tokens["train"].tolist() == prepared.tokens["train"].tolist()
     assert not (tmp_path / "run" / "data_cache").exists()
 
@@ -37,10 +38,10 @@ def test_an_altered_file_or_different_settings_are_refused_by_name(made_bundle, 
     out, params, _ = made_bundle
     run = {**params, "dataset": str(out), "output_dir": str(tmp_path / "run")}
     with pytest.raises(ValueError, match=r"max_length: bundle 16, run 8"):
-        data.prepare(config.resolve({**run, "max_length": 8}))
+        data.prepare(resolve({**run, "max_length": 8}))
     with pytest.raises(ValueError, match=r"tokenizer: bundle .*, run 'bpe:300'"):
-        data.prepare(config.resolve({**run, "tokenizer": "bpe:300"}))
+        data.prepare(resolve({**run, "tokenizer": "bpe:300"}))
     with open(out / "train.bin", "r+b") as f:
         f.write(b"\x00\x01")
     with pytest.raises(ValueError, match=r"train.bin: its checksum does not match"):
-        data.prepare(config.resolve(run))
+        data.prepare(resolve(run))

@@ -1,20 +1,20 @@
 import pytest
 
-from nblib import config, specs
+from nblib import params, specs
 from conftest import tiny_params
 
 
 def test_presets_resolve_and_none_means_the_presets_value(tmp_path):
-    cfg = config.resolve({"preset": "kaggle-t4", "n_layer": None, "output_dir": str(tmp_path)})
+    cfg = params.resolve({"preset": "kaggle-t4", "n_layer": None, "output_dir": str(tmp_path)})
     assert cfg.model.n_layer == 8 and cfg.model.vocab_size == 50257
     assert cfg.train.global_batch == 64 and cfg.train.tokens_per_step == 64 * 512
     assert cfg.data.dataset == "Salesforce/wikitext"
-    assert config.resolve({"preset": "cpu-demo"}).data.dataset == "builtin:python-docs"
+    assert params.resolve({"preset": "cpu-demo"}).data.dataset == "builtin:python-docs"
 
 
 def test_parameters_override_the_preset_and_a_notebooks_other_names_are_ignored(tmp_path):
     namespace = {"__name__": "__main__", "In": [], "unrelated_global": object()}
-    cfg = config.resolve({**tiny_params(tmp_path), "n_layer": 3, **namespace})
+    cfg = params.resolve({**tiny_params(tmp_path), "n_layer": 3, **namespace})
     assert cfg.model.n_layer == 3 and cfg.train.precision == "fp32"
 
 
@@ -50,19 +50,19 @@ def test_parameters_override_the_preset_and_a_notebooks_other_names_are_ignored(
 ])
 def test_each_rule_names_parameter_value_and_what_is_allowed(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
-        config.resolve(tiny_params(tmp_path, **override))
+        params.resolve(tiny_params(tmp_path, **override))
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
     with pytest.raises(ValueError) as error:
-        config.resolve(tiny_params(tmp_path, n_embd=30, n_head=4, batch_size=0, precision="x"))
+        params.resolve(tiny_params(tmp_path, n_embd=30, n_head=4, batch_size=0, precision="x"))
     text = str(error.value)
     assert "n_embd=30" in text and "batch_size=0" in text and "precision='x'" in text
 
 
 def test_saved_tokenizer_directory_sets_the_vocabulary_floor(tmp_path, tokenizer_dir):
     with pytest.raises(ValueError, match=r"vocab_size=100: smaller than the tokenizer's 300"):
-        config.resolve(tiny_params(tmp_path, tokenizer=str(tokenizer_dir), vocab_size=100))
+        params.resolve(tiny_params(tmp_path, tokenizer=str(tokenizer_dir), vocab_size=100))
 
 
 def test_hub_ids_and_local_paths_are_told_apart():
@@ -74,24 +74,24 @@ def test_hub_ids_and_local_paths_are_told_apart():
 
 
 def test_to_dict_is_plain_json(tmp_path):
-    d = config.resolve(tiny_params(tmp_path)).to_dict()
+    d = params.resolve(tiny_params(tmp_path)).to_dict()
     assert d["model"]["n_embd"] == 32 and isinstance(d["output_dir"], str)
 
 
 def test_one_prompt_as_a_string_and_sampling_settings_resolve(tmp_path):
-    cfg = config.resolve(tiny_params(tmp_path, prompts="Once upon", temperature=1.2, generation_seed=7))
+    cfg = params.resolve(tiny_params(tmp_path, prompts="Once upon", temperature=1.2, generation_seed=7))
     assert cfg.sampling.prompts == ("Once upon",) and cfg.sampling.temperature == 1.2
     assert cfg.sampling.seed == 7 and cfg.train.seed == 42  # the training seed stays apart
 
 
 def test_misspelt_names_are_refused_but_a_notebooks_own_variables_are_not():
     with pytest.raises(ValueError, match=r"unknown parameter learnin_rate; did you mean learning_rate\?"):
-        config.resolve({"preset": "smoke", "learnin_rate": 0.1})  # a job file: every key is a parameter
+        params.resolve({"preset": "smoke", "learnin_rate": 0.1})  # a job file: every key is a parameter
     injected = "# Parameters\npreset = \"smoke\"\nlearnin_rate = 0.1\n"
     kernel = {"__name__": "__main__", "In": ["", "import nblib", injected], "x": 3, "preset": "smoke"}
     with pytest.raises(ValueError, match=r"unknown parameter learnin_rate; did you mean learning_rate\?"):
-        config.resolve({**kernel, "learnin_rate": 0.1})
+        params.resolve({**kernel, "learnin_rate": 0.1})
     interactive = {**kernel, "In": ["", "x = 3\nlearnin_rate = 0.1"], "learnin_rate": 0.1}
-    assert config.resolve(interactive).train.learning_rate == 3e-3  # a user's own names are theirs
+    assert params.resolve(interactive).train.learning_rate == 3e-3  # a user's own names are theirs
     with pytest.raises(ValueError, match=r"unknown parameter zzz \(the parameters are listed in the README\)"):
-        config.resolve({"preset": "smoke", "zzz": 1})
+        params.resolve({"preset": "smoke", "zzz": 1})

@@ -11,7 +11,7 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-from nblib import checkpoint, config, contract, data, evaluation, hardware, model, optimization, state, tokenizer, train
+from nblib import checkpoint, contract, data, evaluation, hardware, model, optimization, params, state, tokenizer, train
 from conftest import tiny_params, wikitext_lines
 from test_notebook import NOTEBOOK, execute, outputs_text
 
@@ -31,7 +31,7 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
 
 
 def test_every_parameter_is_classified_and_the_readme_table_says_the_same():
-    assert set(contract.RULES) == set(config.PARAMETERS)
+    assert set(contract.RULES) == set(params.PARAMETERS)
     rows = re.findall(r"^\| (`\w+`(?:, `\w+`)*) \| (identity|bound|may change|free) \|", README.read_text(), re.M)
     table = {name: kind for names, kind in rows for name in re.findall(r"`(\w+)`", names)}
     assert table == {name: kind for name, (kind, _) in contract.RULES.items()}
@@ -133,7 +133,7 @@ def test_a_live_kernel_rerunning_setup_to_train_applies_the_new_learning_rate(tm
     nb.cells.insert(next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])) + 1, chosen)
     code = [c for c in nb.cells if c.cell_type == "code"]
     setup, train_cell = (next(i for i, c in enumerate(code) if marker in c.source)
-                         for marker in ("nblib.config.resolve", "nblib.launch.fit"))
+                         for marker in ("nblib.params.resolve", "nblib.launch.fit"))
     nb.cells.append(nbformat.v4.new_code_cell("learning_rate = 1e-4\nmax_steps = 30"))
     client = NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     with client.setup_kernel():
@@ -151,9 +151,9 @@ def test_train_run_twice_in_one_process_applies_the_new_learning_rate_and_weight
     corpus = data.prepare(tiny_config)
     state.seed_everything(0)
     train.run(tiny_config, device, model.build(tiny_config.model, corpus.tokenizer), corpus)
-    params = tiny_params(tmp_path, dataset=tiny_config.data.dataset, tokenizer=tiny_config.data.tokenizer,
+    values = tiny_params(tmp_path, dataset=tiny_config.data.dataset, tokenizer=tiny_config.data.tokenizer,
                          learning_rate=1e-4, weight_decay=0.5, max_steps=16, resume_from_checkpoint="auto")
-    again = config.resolve(params)
+    again = params.resolve(values)
     result = train.run(again, device, model.build(again.model, corpus.tokenizer), corpus)
     groups = result.state.optimizer.param_groups
     assert groups[0]["lr"] == pytest.approx(1e-4 * optimization.lr_factor(16, 2, 16), rel=1e-12)
@@ -176,7 +176,7 @@ def test_the_fingerprint_holds_the_tokenizers_content_not_its_name(tiny_config):
 def test_a_checkpoint_from_before_fingerprints_is_checked_by_its_config(tiny_config, tmp_path):
     saved = {"step": 4, "global_batch": 8, "config": tiny_config.to_dict()}
     assert contract.check(saved, tiny_config, 1) == []
-    wider = config.resolve({**tiny_params(tmp_path, dataset=tiny_config.data.dataset,
+    wider = params.resolve({**tiny_params(tmp_path, dataset=tiny_config.data.dataset,
                                           tokenizer=tiny_config.data.tokenizer), "n_embd": 64})
     with pytest.raises(contract.RunMismatch, match=r"n_embd: checkpoint 32, this run 64"):
         contract.check(saved, wider, 1, path="old.pt")
@@ -193,7 +193,7 @@ def test_auto_passes_over_another_runs_checkpoint_attached_as_input_but_refuses_
     checkpoint.save(checkpoint.checkpoint_path(attached, 0, 900), other)
     checkpoint.save(checkpoint.checkpoint_path(tiny_config.output_dir, 0, 4), saved)
     monkeypatch.setattr(checkpoint.paths, "KAGGLE_INPUT", tmp_path / "input")
-    auto = config.resolve(tiny_params(tmp_path, dataset=tiny_config.data.dataset,
+    auto = params.resolve(tiny_params(tmp_path, dataset=tiny_config.data.dataset,
                                       tokenizer=tiny_config.data.tokenizer, resume_from_checkpoint="auto"))
     path, found, changes = contract.find(auto, 1)
     assert found["step"] == 4 and changes == []

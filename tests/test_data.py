@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nblib import config, data
+from nblib import data, params
 from conftest import tiny_params
 
 
@@ -27,9 +27,9 @@ def test_second_prepare_reuses_the_cache_without_tokenizing(tiny_config, monkeyp
 
 def test_other_max_length_reuses_tokens_other_tokenizer_does_not(tmp_path, wikitext_file, tokenizer_dir):
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir))
-    a = config.resolve(base)
-    b = config.resolve({**base, "max_length": 8})
-    c = config.resolve({**base, "tokenizer": "bpe:280"})
+    a = params.resolve(base)
+    b = params.resolve({**base, "max_length": 8})
+    c = params.resolve({**base, "tokenizer": "bpe:280"})
     assert data.cache_key(a) == data.cache_key(b) != data.cache_key(c)
     assert data.prepare(b).blocks("train").size == 9
 
@@ -37,14 +37,14 @@ def test_other_max_length_reuses_tokens_other_tokenizer_does_not(tmp_path, wikit
 def test_changed_source_file_invalidates_the_cache(tmp_path, tokenizer_dir):
     path = tmp_path / "corpus.txt"
     path.write_text("one paragraph\n\nanother one\n\nand a third\n" * 20)
-    cfg = config.resolve(tiny_params(tmp_path, dataset=str(path), tokenizer=str(tokenizer_dir)))
+    cfg = params.resolve(tiny_params(tmp_path, dataset=str(path), tokenizer=str(tokenizer_dir)))
     before = data.cache_key(cfg)
     path.write_text(path.read_text() + "more\n")
     assert data.cache_key(cfg) != before
 
 
 def test_bpe_tokenizer_is_trained_and_saved_with_the_cache(tmp_path, wikitext_file):
-    cfg = config.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer="bpe:280"))
+    cfg = params.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer="bpe:280"))
     corpus = data.prepare(cfg)
     assert len(corpus.tokenizer) == 280
     assert (corpus.cache_dir / "tokenizer" / "tokenizer.json").is_file()

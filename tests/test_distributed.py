@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nblib import checkpoint, collectives, launch
+from nblib import checkpoint, collectives, launch, params
 from conftest import tiny_params
 from test_notebook import execute, outputs_text
 
@@ -140,8 +140,8 @@ def test_a_failing_worker_raises_its_traceback_in_the_notebooks_process(tiny_con
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is optional and not installed")
 def test_lora_fine_tune_in_two_processes(tmp_path, pretrained_dir, wikitext_file):
     """The fine-tune example's shape on GPU T4 x2: DDP over a model whose base weights are frozen."""
-    from nblib import config, data, hardware, model, train
-    cfg = config.resolve(dict(preset="smoke", output_dir=str(tmp_path / "run"), init_from=str(pretrained_dir),
+    from nblib import data, hardware, model, train
+    cfg = params.resolve(dict(preset="smoke", output_dir=str(tmp_path / "run"), init_from=str(pretrained_dir),
                               dataset=str(wikitext_file), max_length=32, batch_size=4,
                               gradient_accumulation_steps=1, max_steps=6, eval_steps=3, save_steps=1,
                               lora_r=4, devices=2, precision="fp32"))

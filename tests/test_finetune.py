@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
-from nblib import checkpoint, config
+from nblib import checkpoint, params
 from conftest import tiny_params
 from test_notebook import execute, outputs_text
 
@@ -14,7 +14,7 @@ HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 
 def test_init_from_takes_the_pretrained_shape_and_tokenizer(tmp_path, pretrained_dir):
-    cfg = config.resolve(tiny_params(tmp_path, init_from=str(pretrained_dir), n_embd=None, n_layer=None,
+    cfg = params.resolve(tiny_params(tmp_path, init_from=str(pretrained_dir), n_embd=None, n_layer=None,
                                      n_head=None, n_inner=None, n_positions=None))
     m = cfg.model
     assert (m.vocab_size, m.n_positions, m.n_embd, m.n_layer, m.n_head, m.n_inner) == (300, 64, 32, 2, 2, 128)
@@ -23,7 +23,7 @@ def test_init_from_takes_the_pretrained_shape_and_tokenizer(tmp_path, pretrained
 
 def test_conflicting_model_parameters_are_reported_not_ignored(tmp_path, pretrained_dir):
     with pytest.raises(ValueError) as error:
-        config.resolve(tiny_params(tmp_path, init_from=str(pretrained_dir), n_layer=6, tokenizer="bpe:512"))
+        params.resolve(tiny_params(tmp_path, init_from=str(pretrained_dir), n_layer=6, tokenizer="bpe:512"))
     message = str(error.value)
     assert "n_layer=6: init_from=" in message and "has n_layer=2; leave it None" in message
     assert "tokenizer='bpe:512'" in message
@@ -31,16 +31,16 @@ def test_conflicting_model_parameters_are_reported_not_ignored(tmp_path, pretrai
 
 def test_init_from_a_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"init_from='/no/such/model': not a Hugging Face model directory"):
-        config.resolve(tiny_params(tmp_path, init_from="/no/such/model"))
+        params.resolve(tiny_params(tmp_path, init_from="/no/such/model"))
 
 
 def test_lora_needs_a_pretrained_model_and_peft(tmp_path, pretrained_dir, monkeypatch):
     with pytest.raises(ValueError, match="lora_r=4: LoRA adapts a pretrained model; set init_from"):
-        config.resolve(tiny_params(tmp_path, lora_r=4))
+        params.resolve(tiny_params(tmp_path, lora_r=4))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     with pytest.raises(ValueError, match=r"LoRA needs the optional peft package \(pip install peft\)"):
-        config.resolve(tiny_params(tmp_path, init_from=str(pretrained_dir), lora_r=4, n_embd=None,
+        params.resolve(tiny_params(tmp_path, init_from=str(pretrained_dir), lora_r=4, n_embd=None,
                                    n_layer=None, n_head=None, n_inner=None, n_positions=None))
 
 

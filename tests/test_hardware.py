@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nblib import hardware
+from nblib import hardware, params
 
 
 def test_cpu_auto_uses_bf16_only_with_amx():
@@ -36,14 +36,13 @@ def test_a_gpu_without_kernels_in_this_torch_is_refused_with_the_fix():
 
 
 def test_the_gpu_preset_on_a_cpu_is_refused_unless_max_steps_bounds_it(tmp_path):
-    from nblib import config
     cpu = hardware.Device(torch.device("cpu"), "fp32")
     with pytest.raises(ValueError, match=r"meant for a GPU.*360M training tokens would take about 167 "
                                          r"hours.*GPU T4 x2.*preset='cpu-demo'.*set max_steps"):
-        hardware.cpu_check(config.resolve({"preset": "kaggle-t4", "output_dir": str(tmp_path)}), cpu)
-    bounded = config.resolve({"preset": "kaggle-t4", "output_dir": str(tmp_path), "max_steps": 100})
+        hardware.cpu_check(params.resolve({"preset": "kaggle-t4", "output_dir": str(tmp_path)}), cpu)
+    bounded = params.resolve({"preset": "kaggle-t4", "output_dir": str(tmp_path), "max_steps": 100})
     assert "WARNING: preset 'kaggle-t4' is meant for a GPU" in hardware.cpu_check(bounded, cpu)
-    assert hardware.cpu_check(config.resolve({"preset": "smoke", "output_dir": str(tmp_path)}), cpu) == ""
+    assert hardware.cpu_check(params.resolve({"preset": "smoke", "output_dir": str(tmp_path)}), cpu) == ""
 
 
 class FakeT4:

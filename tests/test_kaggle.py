@@ -9,6 +9,7 @@ import pytest
 from nblib import kaggle
 
 
+from nblib.params import resolve
 def test_the_repository_metadata_passes_the_kaggle_cli_checks():
     meta = json.loads(kaggle.METADATA.read_text())
     assert kaggle.validate_metadata(meta, kaggle.REPO) == []
@@ -61,11 +62,11 @@ def test_the_staged_notebook_trains_where_nblib_is_not_importable(tmp_path):
 
 def test_bundle_command_round_trip(tmp_path, wikitext_file, tokenizer_dir):
     from conftest import tiny_params
-    from nblib import config, data
+    from nblib import data
     params = tiny_params(tmp_path / "prep", dataset=str(wikitext_file), tokenizer=str(tokenizer_dir))
     (tmp_path / "params.json").write_text(json.dumps(params))
     kaggle.main(["bundle", str(tmp_path / "bundle"), "-f", str(tmp_path / "params.json"),
                  "-p", "seed", "7", "--id", "me/gpt2-tokens"])
-    corpus = data.prepare(config.resolve({**params, "seed": 7, "dataset": str(tmp_path / "bundle"),
+    corpus = data.prepare(resolve({**params, "seed": 7, "dataset": str(tmp_path / "bundle"),
                                           "output_dir": str(tmp_path / "run")}))
     assert corpus.cache_dir == tmp_path / "bundle" and len(corpus.blocks("train")) > 0

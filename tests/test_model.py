@@ -3,7 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nblib import config, model
+from nblib import model, params
 
 
 class FakeTokenizer:
@@ -14,7 +14,7 @@ class FakeTokenizer:
 
 
 def test_guide_config_has_19_3m_parameters_6_3m_outside_embeddings():
-    net = model.build(config.resolve({"preset": "kaggle-t4"}).model, FakeTokenizer())
+    net = model.build(params.resolve({"preset": "kaggle-t4"}).model, FakeTokenizer())
     counts = model.parameter_counts(net)
     assert round(counts["total"] / 1e6, 2) == 19.32
     assert round(counts["non_embedding"] / 1e6, 2) == 6.32
@@ -22,14 +22,14 @@ def test_guide_config_has_19_3m_parameters_6_3m_outside_embeddings():
 
 
 def test_vocab_none_takes_the_tokenizers_and_smaller_is_refused(tmp_path):
-    cfg = config.resolve({"preset": "smoke", "output_dir": str(tmp_path)}).model
+    cfg = params.resolve({"preset": "smoke", "output_dir": str(tmp_path)}).model
     assert model.gpt2_config(cfg, FakeTokenizer()).unpadded_vocab_size == 50257
     with pytest.raises(ValueError, match="vocab_size=100: smaller than the tokenizer's 50257"):
         model.gpt2_config(replace(cfg, vocab_size=100), FakeTokenizer())
 
 
 def test_vocabulary_is_padded_to_a_multiple_of_64_inside_the_run_only():
-    cfg = replace(config.resolve({"preset": "smoke"}).model, vocab_size=None)
+    cfg = replace(params.resolve({"preset": "smoke"}).model, vocab_size=None)
     net = model.build(cfg, FakeTokenizer())
     assert net.config.vocab_size == 50304 and net.transformer.wte.weight.shape[0] == 50304
     assert "vocabulary 50,257 (padded to 50,304" in model.describe(net)

@@ -1,6 +1,8 @@
 """The real notebook, executed headless with papermill, as CI and Kaggle users run it."""
+import ast
 import json
 import math
+import typing
 from pathlib import Path
 
 import datasets
@@ -8,7 +10,7 @@ import papermill
 import pytest
 import torch
 
-from nblib import checkpoint
+from nblib import checkpoint, params
 from transformers import pipeline
 
 from conftest import wikitext_lines
@@ -92,10 +94,17 @@ def test_time_budget_ends_normally_with_an_export_and_the_next_run_resumes(tmp_p
     assert steps == sorted(set(steps))  # the history continues: no step recorded twice
 
 
-def test_the_parameters_cell_and_the_config_name_the_same_parameters():
-    from nblib import config
-    names = {p["name"] for p in papermill.inspect_notebook(str(NOTEBOOK)).values()}
-    assert names == set(config.PARAMETERS)
+def test_the_parameters_cell_holds_the_tables_names_defaults_and_types():
+    cell = papermill.inspect_notebook(str(NOTEBOOK))
+    assert list(cell) == list(params.PARAMETERS)
+    assert {name: ast.literal_eval(p["default"]) for name, p in cell.items()} == params.DEFAULTS
+    annotations = {name: eval(p["inferred_type_name"], vars(typing)) for name, p in cell.items()}
+    assert {name: union_arms(t) for name, t in annotations.items()} == {
+        name: union_arms(params.parameter_type(name)) for name in params.PARAMETERS}
+
+
+def union_arms(annotation) -> frozenset:
+    return frozenset(typing.get_args(annotation)) if typing.get_args(annotation) else frozenset([annotation])
 
 
 def test_a_misspelt_parameter_stops_the_setup_cell_naming_the_likely_one(tmp_path):

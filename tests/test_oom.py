@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from nblib import checkpoint, config, oom, train
+from nblib import checkpoint, oom, params, train
 from conftest import tiny_params
 from test_train import run_tiny
 
@@ -27,10 +27,10 @@ def oom_above(monkeypatch):
 
 def test_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path, wikitext_file, tokenizer_dir, oom_above):
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir), max_steps=8)
-    direct, _ = run_tiny(config.resolve({**base, "batch_size": 4, "gradient_accumulation_steps": 4,
+    direct, _ = run_tiny(params.resolve({**base, "batch_size": 4, "gradient_accumulation_steps": 4,
                                          "output_dir": str(tmp_path / "direct")}))
     oom_above(4)
-    recovered, _ = run_tiny(config.resolve({**base, "batch_size": 16, "gradient_accumulation_steps": 1,
+    recovered, _ = run_tiny(params.resolve({**base, "batch_size": 16, "gradient_accumulation_steps": 1,
                                             "output_dir": str(tmp_path / "recovered")}))
     difference = max(abs(a - b) for a, b in zip(direct.state.step_losses, recovered.state.step_losses))
     print(f"largest per-step loss difference, recovered vs direct: {difference:.3g}")
@@ -48,8 +48,8 @@ def test_resume_keeps_the_reduced_micro_batch(tmp_path, wikitext_file, tokenizer
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
                        batch_size=16, gradient_accumulation_steps=1, max_steps=4)
     oom_above(4)
-    run_tiny(config.resolve(base))
-    resumed, _ = run_tiny(config.resolve({**base, "max_steps": 8, "resume_from_checkpoint": "auto"}))
+    run_tiny(params.resolve(base))
+    resumed, _ = run_tiny(params.resolve({**base, "max_steps": 8, "resume_from_checkpoint": "auto"}))
     assert (resumed.state.batch_size, resumed.state.gradient_accumulation_steps) == (4, 4)
     backoffs = [e for e in resumed.state.events if e["event"] == "out of memory"]
     assert len(backoffs) == 2  # no new OOM: the saved micro-batch was used

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nblib import checkpoint, config, data, hardware, model, optimization, train
+from nblib import checkpoint, data, hardware, model, optimization, params, train
 from conftest import tiny_params
 from test_train import run_tiny
 
@@ -80,7 +80,7 @@ def test_an_fp16_overflow_is_skipped_by_the_scaler_without_counting_as_a_bad_los
 
 
 def test_a_streak_of_bad_losses_stops_with_the_last_good_weights(tmp_path, wikitext_file, tokenizer_dir, nan_on_steps):
-    cfg = config.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
+    cfg = params.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
                                      max_steps=40, max_bad_steps=5, save_steps=100, eval_steps=2))
     nan_on_steps(set(range(4, 100)), micro_per_step=cfg.train.gradient_accumulation_steps)
     result, net = run_tiny(cfg)
@@ -96,8 +96,8 @@ def test_a_streak_of_bad_losses_stops_with_the_last_good_weights(tmp_path, wikit
 
 def test_torch_compile_trains_the_same_and_saves_plain_keys(tmp_path, wikitext_file, tokenizer_dir):
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir), max_steps=8)
-    plain, _ = run_tiny(config.resolve({**base, "output_dir": str(tmp_path / "plain")}))
-    compiled, _ = run_tiny(config.resolve({**base, "output_dir": str(tmp_path / "compiled"), "torch_compile": True}))
+    plain, _ = run_tiny(params.resolve({**base, "output_dir": str(tmp_path / "plain")}))
+    compiled, _ = run_tiny(params.resolve({**base, "output_dir": str(tmp_path / "compiled"), "torch_compile": True}))
     assert compiled.state.forward_module is not None
     for a, b in zip(plain.state.step_losses, compiled.state.step_losses):
         assert a == pytest.approx(b, rel=1e-5)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nblib import config
+from nblib import params
 
 PARAMS = Path(__file__).resolve().parent.parent / "notebooks" / "params"
 FILES = sorted(PARAMS.glob("*.yaml"))
@@ -21,15 +21,15 @@ def test_the_examples_exist():
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
 def test_each_file_names_only_notebook_parameters_and_resolves(path, tmp_path, pretrained_dir, wikitext_file):
     values = yaml.safe_load(path.read_text())
-    assert set(values) <= set(config.PARAMETERS), set(values) - set(config.PARAMETERS)
+    assert set(values) <= set(params.PARAMETERS), set(values) - set(params.PARAMETERS)
     values["output_dir"] = str(tmp_path / "run")
     if "init_from" in values:  # the Hub or a previous run: a local stand-in of the same shape
         values.update(init_from=str(pretrained_dir), dataset=str(wikitext_file), max_length=32)
     if values.get("lora_r") and importlib.util.find_spec("peft") is None:
         with pytest.raises(ValueError, match="LoRA needs the optional peft package"):
-            config.resolve(values)
+            params.resolve(values)
         return
-    cfg = config.resolve(values)
+    cfg = params.resolve(values)
     assert cfg.preset == values["preset"]
 
 

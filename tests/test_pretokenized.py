@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from nblib import config, data
+from nblib import data, params
 from conftest import tiny_params
 
 
@@ -21,7 +21,7 @@ def records(n, key="input_ids", length=30, seed=0):
 def test_token_id_records_are_packed_without_tokenizing(tmp_path, tokenizer_dir, key, monkeypatch):
     source = write_jsonl(tmp_path / "ids.jsonl", records(200, key))
     monkeypatch.setattr(data, "_tokenize", lambda *a, **k: pytest.fail("tokenized text"))
-    cfg = config.resolve(tiny_params(tmp_path, dataset=str(source), tokenizer=str(tokenizer_dir)))
+    cfg = params.resolve(tiny_params(tmp_path, dataset=str(source), tokenizer=str(tokenizer_dir)))
     corpus = data.prepare(cfg)
     eos = corpus.tokenizer.eos_token_id
     sizes = {s: len(t) for s, t in corpus.tokens.items()}
@@ -35,9 +35,9 @@ def test_token_id_records_are_packed_without_tokenizing(tmp_path, tokenizer_dir,
 def test_split_files_stride_and_remainder(tmp_path, tokenizer_dir):
     for split in ("train", "valid", "test"):
         write_jsonl(tmp_path / f"{split}.jsonl", records(4, length=19, seed=len(split)))
-    params = tiny_params(tmp_path, dataset=str(tmp_path / "*.jsonl"), tokenizer=str(tokenizer_dir),
+    values = tiny_params(tmp_path, dataset=str(tmp_path / "*.jsonl"), tokenizer=str(tokenizer_dir),
                          max_length=16, n_positions=32, stride=8, drop_remainder=False)
-    corpus = data.prepare(config.resolve(params))
+    corpus = data.prepare(params.resolve(values))
     assert len(corpus.tokens["train"]) == 4 * 20
     blocks = corpus.blocks("train")
     assert len(blocks) == 9  # starts 0, 8, ..., 56, then one ending at token 80
@@ -53,13 +53,13 @@ def test_split_files_stride_and_remainder(tmp_path, tokenizer_dir):
 def test_bad_records_name_the_file_and_line(tmp_path, tokenizer_dir, line, message):
     source = tmp_path / "ids.jsonl"
     source.write_text('{"input_ids": [1, 2]}\n{"input_ids": [3]}\n' + line + "\n")
-    cfg = config.resolve(tiny_params(tmp_path, dataset=str(source), tokenizer=str(tokenizer_dir)))
+    cfg = params.resolve(tiny_params(tmp_path, dataset=str(source), tokenizer=str(tokenizer_dir)))
     with pytest.raises(ValueError, match=message):
         data.prepare(cfg)
 
 
 def test_token_ids_with_a_bpe_spec_ask_for_the_tokenizer_that_made_them(tmp_path):
     source = write_jsonl(tmp_path / "ids.jsonl", records(20))
-    cfg = config.resolve(tiny_params(tmp_path, dataset=str(source), tokenizer="bpe:300"))
+    cfg = params.resolve(tiny_params(tmp_path, dataset=str(source), tokenizer="bpe:300"))
     with pytest.raises(ValueError, match=r"holds token ids, so a BPE cannot be trained on it"):
         data.prepare(cfg)

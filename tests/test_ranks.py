@@ -6,13 +6,14 @@ import time
 
 import pytest
 
-from nblib import checkpoint, config, data, hardware, launch, model, state, train
+from nblib import checkpoint, data, hardware, launch, model, state, train
+from nblib.params import resolve
 from conftest import tiny_params
 from faults import faulty
 
 
 def fit_two(params: dict, fault: str = "", **overrides) -> train.RunResult:
-    cfg = dataclasses.replace(config.resolve({**params, "devices": 2}), **overrides)
+    cfg = dataclasses.replace(resolve({**params, "devices": 2}), **overrides)
     state.seed_everything(cfg.train.seed)
     corpus = data.prepare(cfg)
     net = model.build(cfg.model, corpus.tokenizer)

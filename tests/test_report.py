@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from nblib import config, report
+from nblib import params, report
 from conftest import tiny_params
 from test_train import run_tiny
 
@@ -15,7 +15,7 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path, wikitext_file, token
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = config.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
+    cfg = params.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
                                      report_to="tensorboard", max_steps=8))
     run_tiny(cfg)
     events = EventAccumulator(str(cfg.output_dir / "runs"))

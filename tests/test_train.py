@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nblib import checkpoint, config, data, hardware, model, state, stopping, train
+from nblib import checkpoint, data, hardware, model, params, state, stopping, train
 from conftest import tiny_params
 
 
@@ -52,9 +52,9 @@ def test_run_trains_evaluates_saves_and_rotates(tiny_config):
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, wikitext_file, tokenizer_dir):
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir), max_steps=4, dropout=0.0,
                        eval_steps=4, save_steps=4)
-    one = config.resolve({**base, "batch_size": 8, "gradient_accumulation_steps": 1,
+    one = params.resolve({**base, "batch_size": 8, "gradient_accumulation_steps": 1,
                           "output_dir": str(tmp_path / "a")})
-    four = config.resolve({**base, "batch_size": 2, "gradient_accumulation_steps": 4,
+    four = params.resolve({**base, "batch_size": 2, "gradient_accumulation_steps": 4,
                            "output_dir": str(tmp_path / "b")})
     _, net_one = run_tiny(one)
     _, net_four = run_tiny(four)
@@ -69,11 +69,11 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, wikitext_file, tokeniz
     # dropout on, so the restored RNG state matters too
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir), dropout=0.1,
                        precision=precision)
-    full_cfg = config.resolve({**base, "output_dir": str(tmp_path / "full")})
+    full_cfg = params.resolve({**base, "output_dir": str(tmp_path / "full")})
     full, full_net = run_tiny(full_cfg)
 
     stopped_at = tmp_path / "full" / "checkpoints" / "checkpoint_epoch0_step8.pt"
-    resumed_cfg = config.resolve({**base, "output_dir": str(tmp_path / "resumed"),
+    resumed_cfg = params.resolve({**base, "output_dir": str(tmp_path / "resumed"),
                                   "resume_from_checkpoint": str(stopped_at)})
     resumed, resumed_net = run_tiny(resumed_cfg)
 
@@ -93,7 +93,7 @@ def test_fresh_run_refuses_a_directory_with_checkpoints_and_auto_continues(tiny_
     run_tiny(tiny_config)
     with pytest.raises(ValueError, match="already holds checkpoints.*resume_from_checkpoint='auto'"):
         run_tiny(tiny_config)
-    auto = config.resolve({**tiny_params(tiny_config.output_dir.parent),
+    auto = params.resolve({**tiny_params(tiny_config.output_dir.parent),
                            "dataset": tiny_config.data.dataset, "tokenizer": tiny_config.data.tokenizer,
                            "resume_from_checkpoint": "auto", "max_steps": 16})
     result, _ = run_tiny(auto)
@@ -114,7 +114,7 @@ def test_time_budget_saves_a_checkpoint_and_stops(tmp_path, wikitext_file, token
     monkeypatch.setattr(stopping, "TimeBudget", partial(stopping.TimeBudget, clock=clock))
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
                        max_steps=100_000, save_steps=10_000, time_budget_minutes=1)
-    result, _ = run_tiny(replace(config.resolve(base), started_at=0.0))
+    result, _ = run_tiny(replace(params.resolve(base), started_at=0.0))
     assert result.stop_reason is train.StopReason.TIME_BUDGET
     assert 0 < result.state.step < 20 and clock.now < 60
     assert "stopped at the time budget; resume with resume_from_checkpoint='auto'" in result.describe()
@@ -138,13 +138,13 @@ def test_continuing_across_kaggle_sessions(tmp_path, wikitext_file, tokenizer_di
     from nblib import paths
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
                        resume_from_checkpoint="auto", max_steps=24, max_checkpoints=2)
-    full, _ = run_tiny(config.resolve({**base, "output_dir": str(tmp_path / "uninterrupted")}))
+    full, _ = run_tiny(params.resolve({**base, "output_dir": str(tmp_path / "uninterrupted")}))
 
     session1 = tmp_path / "session1"
     checks = iter(range(1000))
     with monkeypatch.context() as patch:  # the budget runs out after 13 steps (one check before the first)
         patch.setattr(stopping.TimeBudget, "exhausted", lambda self: next(checks) >= 14)
-        stopped, _ = run_tiny(config.resolve({**base, "output_dir": str(session1)}))
+        stopped, _ = run_tiny(params.resolve({**base, "output_dir": str(session1)}))
     assert stopped.stop_reason is train.StopReason.TIME_BUDGET and stopped.state.step == 13
     attached = tmp_path / "input" / "my-notebook-version-1"
     shutil.copytree(session1, attached)
@@ -152,7 +152,7 @@ def test_continuing_across_kaggle_sessions(tmp_path, wikitext_file, tokenizer_di
     monkeypatch.setattr(data, "build_cache", lambda *a: pytest.fail("tokenized again"))
 
     working = tmp_path / "working"
-    resumed, _ = run_tiny(config.resolve({**base, "output_dir": str(working)}))
+    resumed, _ = run_tiny(params.resolve({**base, "output_dir": str(working)}))
     assert resumed.state.step == 24
     assert [s for s, _ in checkpoint.list_checkpoints(working / "checkpoints")] == [20, 24]
     assert sorted(p.name for p in (attached / "checkpoints").iterdir()) == sorted(
