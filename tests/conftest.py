@@ -1,12 +1,25 @@
 """Tiny generated data and configs: no network, no files from outside the repository."""
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
 from pathlib import Path
 
 import pytest
 
 from nblib import config, params, tokenizer
+
+# Set by .ci/run where the optional packages are installed on purpose: a missing one fails there.
+REQUIRE_OPTIONAL = os.environ.get("NBLIB_REQUIRE_OPTIONAL") == "1"
+
+
+def needs(package: str) -> pytest.MarkDecorator:
+    """Skip a test of an optional package (peft, tensorboard) where it is not installed, except
+    in the environment that installs it on purpose, where its absence fails the test."""
+    missing = importlib.util.find_spec(package) is None
+    return pytest.mark.skipif(missing and not REQUIRE_OPTIONAL, reason=f"{package} is optional and not installed")
+
 
 WORDS = ("the river city was built in north old king wrote a song of stone and light "
          "people came to see new bridge over water during year first war ended").split()
@@ -73,3 +86,17 @@ def pretrained_dir(tmp_path_factory, tokenizer_dir) -> Path:
                     ).save_pretrained(str(directory))
     tok.save_pretrained(str(directory))
     return directory
+
+
+HIDE_INSTALLED_NBLIB = """import os, sys
+# As on Kaggle, where nblib is not installed: the editable install of this checkout is hidden.
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "nblib"))]
+"""
+
+
+def hide_installed_nblib(tmp_path: Path, monkeypatch) -> None:
+    """Python processes started from here on (notebook kernels too) cannot import nblib."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(HIDE_INSTALLED_NBLIB)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))

@@ -1,6 +1,5 @@
 """Data-parallel training with 2 gloo processes on the CPU: through the notebook, across
 interrupts and across world sizes."""
-import importlib.util
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nblib import checkpoint, collectives, launch, params
-from conftest import tiny_params
+from conftest import needs, tiny_params
 from test_notebook import execute, outputs_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,7 +136,7 @@ def test_a_failing_worker_raises_its_traceback_in_the_notebooks_process(tiny_con
         launch.fit(tiny_config, device, model.build(tiny_config.model, corpus.tokenizer), corpus)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is optional and not installed")
+@needs("peft")
 def test_lora_fine_tune_in_two_processes(tmp_path, pretrained_dir, wikitext_file):
     """The fine-tune example's shape on GPU T4 x2: DDP over a model whose base weights are frozen."""
     from nblib import data, hardware, model, train

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,53 +10,67 @@ from transformers import GPT2Config, GPT2LMHeadModel, pipeline
 
 import portable_export
 
-from nblib import data, export, generate, hardware, model, plots, state, train
+from nblib import data, export, generate, hardware, model, params, plots, state, train
 from nblib.config import SamplingConfig
+from conftest import tiny_params
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_final_model_loads_in_a_pipeline_and_guide_snippet_works(tiny_config, capsys):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, wikitext_file, tokenizer_dir) -> SimpleNamespace:
+    """One tiny run, its best weights loaded back and exported: what the notebook's cells do."""
+    cfg = params.resolve(tiny_params(tmp_path_factory.mktemp("export"), dataset=str(wikitext_file),
+                                     tokenizer=str(tokenizer_dir)))
     state.seed_everything(0)
-    corpus = data.prepare(tiny_config)
-    net = model.build(tiny_config.model, corpus.tokenizer)
-    result = train.run(tiny_config, hardware.detect("fp32"), net, corpus)
-    out = tiny_config.output_dir
+    corpus = data.prepare(cfg)
+    net = model.build(cfg.model, corpus.tokenizer)
+    result = train.run(cfg, hardware.detect("fp32"), net, corpus)
+    assert export.load_best_weights(net, cfg.output_dir)
+    final = export.final_model(net, corpus.tokenizer, cfg.output_dir)
+    return SimpleNamespace(cfg=cfg, out=cfg.output_dir, tokenizer=corpus.tokenizer, net=net, result=result, final=final)
 
-    # The Kaggle guide's "Load from Checkpoint" snippet, as written: a model of the tokenizer's
-    # vocabulary (300 here, padded to 320 while training) takes model_state_dict.
-    checkpoint = torch.load(out / "best_model.pt")
-    m = tiny_config.model
-    fresh = GPT2LMHeadModel(GPT2Config(vocab_size=len(corpus.tokenizer), n_positions=m.n_positions,
+
+def test_the_guides_load_snippet_takes_the_checkpoints_model_state_dict(trained):
+    """The Kaggle guide's "Load from Checkpoint" snippet, as written: a model of the tokenizer's
+    vocabulary (300 here, padded to 320 while training) takes model_state_dict."""
+    checkpoint = torch.load(trained.out / "best_model.pt")
+    m = trained.cfg.model
+    fresh = GPT2LMHeadModel(GPT2Config(vocab_size=len(trained.tokenizer), n_positions=m.n_positions,
                                        n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head, n_inner=m.n_inner))
     fresh.load_state_dict(checkpoint["model_state_dict"])
     assert {"model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "epoch", "step",
             "train_loss", "val_loss", "config"} <= set(checkpoint)
 
-    assert export.load_best_weights(net, out)
-    assert net.config.vocab_size == 320  # padded while training; the export is tokenizer-sized
-    final = export.final_model(net, corpus.tokenizer, out)
-    assert GPT2Config.from_pretrained(final).vocab_size == len(corpus.tokenizer)
-    assert (final / "model.safetensors").is_file() and (final / "generation_config.json").is_file()
-    generator = pipeline("text-generation", model=str(final))
-    text = generator("the river", max_new_tokens=8)[0]["generated_text"]
+
+def test_final_model_is_tokenizer_sized_and_generates_in_a_pipeline(trained):
+    assert trained.net.config.vocab_size == 320  # padded while training; the export is tokenizer-sized
+    assert GPT2Config.from_pretrained(trained.final).vocab_size == len(trained.tokenizer)
+    assert (trained.final / "model.safetensors").is_file() and (trained.final / "generation_config.json").is_file()
+    text = pipeline("text-generation", model=str(trained.final))("the river", max_new_tokens=8)[0]["generated_text"]
     assert text.startswith("the river") and len(text) > len("the river")
 
-    loaded, tok = generate.load(final)
+
+def test_generate_samples_from_final_model(trained):
+    loaded, tok = generate.load(trained.final)
     assert isinstance(loaded, GPT2LMHeadModel)
     samples = generate.samples(loaded, tok, SamplingConfig(prompts=("the old king",), max_new_tokens=5))
     assert samples[0].startswith("the old king")
 
-    # A checkpoint .pt samples too, with the run's tokenizer (sample_from, --tokenizer).
-    from_checkpoint, _ = generate.load(out / "best_model.pt", corpus.tokenizer)
-    assert torch.equal(from_checkpoint.transformer.h[0].mlp.c_fc.weight, net.transformer.h[0].mlp.c_fc.weight)
-    generate.main(["--model", str(out / "best_model.pt"), "--tokenizer", str(final), "--prompt", "the city",
-                   "--max-new-tokens", "3"])
+
+def test_a_checkpoint_samples_with_the_runs_tokenizer(trained, capsys):
+    """sample_from and `python -m nblib.generate --tokenizer` take a checkpoint .pt."""
+    from_checkpoint, _ = generate.load(trained.out / "best_model.pt", trained.tokenizer)
+    assert torch.equal(from_checkpoint.transformer.h[0].mlp.c_fc.weight, trained.net.transformer.h[0].mlp.c_fc.weight)
+    generate.main(["--model", str(trained.out / "best_model.pt"), "--tokenizer", str(trained.final),
+                   "--prompt", "the city", "--max-new-tokens", "3"])
     assert capsys.readouterr().out.startswith("the city")
 
-    plots.curves(result.history, out)
-    assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert "final_model/model.safetensors" in export.summary(out)
+
+def test_the_curves_and_the_summary_name_what_the_run_left(trained):
+    plots.curves(trained.result.history, trained.out)
+    assert (trained.out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "final_model/model.safetensors" in export.summary(trained.out)
 
 
 def test_generate_command_line(tiny_config, capsys):

@@ -7,10 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 from nblib import checkpoint, params
-from conftest import tiny_params
+from conftest import needs, tiny_params
 from test_notebook import execute, outputs_text
 
-HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 
 def test_init_from_takes_the_pretrained_shape_and_tokenizer(tmp_path, pretrained_dir):
@@ -65,7 +64,7 @@ def test_finetune_through_the_notebook_resumes_and_exports(tmp_path, pretrained_
     assert not torch.equal(final.transformer.h[0].mlp.c_fc.weight, pretrained.transformer.h[0].mlp.c_fc.weight)
 
 
-@pytest.mark.skipif(not HAS_PEFT, reason="peft is optional and not installed")
+@needs("peft")
 def test_lora_finetune_trains_adapters_only_resumes_and_exports_merged_or_adapter(tmp_path, pretrained_dir, wikitext_file):
     params = finetune_params(tmp_path, pretrained_dir, wikitext_file, lora_r=4, lora_alpha=8.0)
     text = outputs_text(execute(tmp_path, **params))

@@ -21,8 +21,14 @@ def test_detect_here_describes_the_machine():
     device = hardware.detect("fp32")
     assert device.precision == "fp32" and not device.uses_grad_scaler
     assert "precision fp32" in device.describe()
-    with device.autocast():
-        assert torch.ones(1).dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16)])
+def test_autocast_runs_matmuls_in_the_chosen_precision(precision, dtype):
+    a = torch.randn(4, 4)
+    with hardware.Device(torch.device("cpu"), precision).autocast():
+        assert (a @ a).dtype == dtype  # a matmul, which autocast casts (a factory tensor stays float32)
 
 
 def test_a_gpu_without_kernels_in_this_torch_is_refused_with_the_fix():

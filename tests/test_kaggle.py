@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -7,9 +6,10 @@ import papermill
 import pytest
 
 from nblib import kaggle
-
-
 from nblib.params import resolve
+from conftest import hide_installed_nblib
+
+
 def test_the_repository_metadata_passes_the_kaggle_cli_checks():
     meta = json.loads(kaggle.METADATA.read_text())
     assert kaggle.validate_metadata(meta, kaggle.REPO) == []
@@ -45,12 +45,12 @@ def test_stage_writes_a_push_ready_folder(tmp_path):
                       "isInternetEnabled": True, "language": "python", "sourceType": "notebook"}
 
 
-def test_the_staged_notebook_trains_where_nblib_is_not_importable(tmp_path):
+def test_the_staged_notebook_trains_where_nblib_is_not_importable(tmp_path, monkeypatch):
     out = kaggle.stage(tmp_path / "kernel")
     empty = tmp_path / "empty" / "work"
     empty.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    probe = subprocess.run([sys.executable, "-c", "import nblib"], cwd=empty, env=env, capture_output=True)
+    hide_installed_nblib(tmp_path, monkeypatch)
+    probe = subprocess.run([sys.executable, "-c", "import nblib"], cwd=empty, capture_output=True)
     assert probe.returncode != 0  # nothing outside the notebook provides nblib here
     nb = papermill.execute_notebook(
         str(out / kaggle.NOTEBOOK.name), str(empty / "out.ipynb"), kernel_name="python3",

@@ -13,7 +13,7 @@ import torch
 from nblib import checkpoint, params
 from transformers import pipeline
 
-from conftest import wikitext_lines
+from conftest import hide_installed_nblib, wikitext_lines
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "text_generation_kaggle_production.ipynb"
 
@@ -105,6 +105,12 @@ def test_the_parameters_cell_holds_the_tables_names_defaults_and_types():
 
 def union_arms(annotation) -> frozenset:
     return frozenset(typing.get_args(annotation)) if typing.get_args(annotation) else frozenset([annotation])
+
+
+def test_without_nblib_installed_the_setup_cell_names_the_install_command(tmp_path, monkeypatch):
+    hide_installed_nblib(tmp_path, monkeypatch)
+    with pytest.raises(papermill.PapermillExecutionError, match=r"nblib is not installed: run `pip install -e \.`"):
+        execute(tmp_path, preset="smoke", output_dir=str(tmp_path / "run"))
 
 
 def test_a_misspelt_parameter_stops_the_setup_cell_naming_the_likely_one(tmp_path):

@@ -4,15 +4,13 @@ import logging
 import sys
 import types
 
-import pytest
-
 from nblib import params, report
-from conftest import tiny_params
+from conftest import needs, tiny_params
 from test_train import run_tiny
 
 
+@needs("tensorboard")
 def test_tensorboard_event_files_hold_the_scalars(tmp_path, wikitext_file, tokenizer_dir):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = params.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
