@@ -32,3 +32,9 @@ def test_no_module_imports_itself_through_others():
 
 def test_the_collectives_import_no_training_code():
     assert imports_of("collectives") <= {"config", "hardware"}
+
+
+def test_the_readmes_module_table_names_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = readme[readme.index("| module | purpose |"):]
+    assert [m for m in nblib.__all__ if f"`{m}`" not in table] == []
