@@ -6,8 +6,7 @@ import shutil
 from pathlib import Path
 
 from . import files
-from .config import RunConfig
-from .specs import GPT2_TOKENIZERS
+from .config import GPT2_TOKENIZERS, RunConfig
 
 MANIFEST = "bundle_manifest.json"
 EXPECTED = ("train.bin", "validation.bin", "test.bin", "meta.json", "tokenizer/tokenizer.json",

@@ -4,20 +4,24 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import paths
-from .specs import GPT2_TOKENIZER, GPT2_VOCAB_SIZE, dataset_problems, tokenizer_problems
 
 PRESETS = ("kaggle-t4", "cpu-demo", "smoke")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 REPORTERS = ("none", "tensorboard", "wandb")
 LORA_EXPORTS = ("merged", "adapter")
 SCRATCH = "scratch"
+BUILTIN_DATASETS = ("builtin:python-docs",)
+GPT2_VOCAB_SIZE = 50257
+GPT2_TOKENIZER = "openai-community/gpt2"  # the Hub's canonical id; "gpt2" is its legacy alias
+GPT2_TOKENIZERS = (GPT2_TOKENIZER, "gpt2")
+BPE_SPEC = re.compile(r"^bpe:(\d+)$")  # a byte-level BPE trained on the training split
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,8 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
 
 
 def validate(cfg: RunConfig) -> list[str]:
-    """Every problem with a resolved config, as 'name=value: what is allowed' lines."""
+    """Every problem with a resolved config, as 'name=value: what is allowed' lines: the rules
+    that need nothing but the values (what the values name is probed by `params.resolve`)."""
     m, t, d = cfg.model, cfg.train, cfg.data
     problems = []
     positive = dict(n_positions=m.n_positions, n_embd=m.n_embd, n_layer=m.n_layer,
@@ -192,14 +197,6 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.report_to not in REPORTERS:
         problems.append(f"report_to={cfg.report_to!r}: must be one of {', '.join(REPORTERS)}")
     problems += _validate_lora(cfg)
-    problems += tokenizer_problems(d.tokenizer, m.vocab_size, own_of_init_from=d.tokenizer == m.init_from)
-    problems += dataset_problems(d.dataset)
-    if cfg.sample_from and not Path(cfg.sample_from).exists():
-        problems.append(f"sample_from={cfg.sample_from!r}: no such directory or checkpoint "
-                        "(empty: the model just trained)")
-    if cfg.resume_from_checkpoint not in ("", "auto") and not Path(cfg.resume_from_checkpoint).is_file():
-        problems.append(f"resume_from_checkpoint={cfg.resume_from_checkpoint!r}: no such file "
-                        "(use '' for a fresh run or 'auto' for the newest checkpoint)")
     return problems
 
 
@@ -227,9 +224,6 @@ def _validate_lora(cfg: RunConfig) -> list[str]:
     if m.init_from == SCRATCH:
         problems.append(f"lora_r={m.lora_r}: LoRA adapts a pretrained model; set init_from to a "
                         "Hub id or a local model directory, or lora_r=0")
-    if importlib.util.find_spec("peft") is None:
-        problems.append(f"lora_r={m.lora_r}: LoRA needs the optional peft package (pip install "
-                        "peft), or set lora_r=0")
     if not m.lora_target_modules:
         problems.append("lora_target_modules='': name at least one module, e.g. 'c_attn' or "
                         "'c_attn,c_proj,c_fc'")

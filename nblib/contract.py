@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint, collectives
-from .config import RunConfig
+from .config import GPT2_TOKENIZER, GPT2_TOKENIZERS, RunConfig
 from .params import PARAMETERS
-from .specs import GPT2_TOKENIZER, GPT2_TOKENIZERS
 from .state import TrainState, global_batch_of
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from . import bundle, files, paths, pretokenized, sources, tokenizer as tokenizers
-from .config import RunConfig
-from .specs import BPE_SPEC, is_local_dataset
+from .config import BPE_SPEC, RunConfig
+from .sources import is_local_dataset
 
 log = logging.getLogger(__name__)
 

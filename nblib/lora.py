@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import torch
 
 from .config import ModelConfig
+
+
+def availability_problems(lora_r: int) -> list[str]:
+    """LoRA asked for without peft installed."""
+    if lora_r > 0 and importlib.util.find_spec("peft") is None:
+        return [f"lora_r={lora_r}: LoRA needs the optional peft package (pip install peft), or set lora_r=0"]
+    return []
 
 
 def wrap(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:

@@ -8,9 +8,10 @@ guide's load snippet builds, and the export drops it.
 from __future__ import annotations
 
 import copy
+from typing import Any, Mapping
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from . import lora
 from .config import SCRATCH, ModelConfig
@@ -119,3 +120,26 @@ def describe(model: GPT2LMHeadModel) -> str:
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def pretrained_shape(v: dict[str, Any], explicit: Mapping[str, Any]) -> list[str]:
+    """Put a pretrained model's shape, tokenizer and dropout into `v`; an explicitly given value
+    that disagrees is a problem, not silently replaced."""
+    source = v["init_from"]
+    try:
+        pretrained = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        return [f"init_from={source!r}: not a Hugging Face model directory or a reachable Hub id "
+                f"({str(error).splitlines()[0]}); on Kaggle turn Internet on for Hub ids"]
+    if pretrained.model_type != "gpt2":
+        return [f"init_from={source!r}: a {pretrained.model_type} model; this notebook trains GPT-2 "
+                "models (openai-community/gpt2, distilbert/distilgpt2 or one saved by a previous run)"]
+    shape = dict(vocab_size=pretrained.vocab_size, n_positions=pretrained.n_positions,
+                 n_embd=pretrained.n_embd, n_layer=pretrained.n_layer, n_head=pretrained.n_head,
+                 n_inner=pretrained.n_inner or 4 * pretrained.n_embd, tokenizer=source)
+    problems = [f"{k}={explicit[k]!r}: init_from={source!r} has {k}={shape[k]!r}; leave it None"
+                for k in shape if k in explicit and explicit[k] != shape[k]]
+    v.update(shape)
+    if "dropout" not in explicit:
+        v["dropout"] = pretrained.resid_pdrop
+    return problems

@@ -16,9 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from . import config, paths
+from . import config, lora, model, paths, sources, tokenizer
 from .config import PRESET_VALUES, PRESETS, SCRATCH, RunConfig
-from .specs import pretrained_shape
 
 DEFAULTS: dict[str, Any] = {
     "preset": "kaggle-t4", "output_dir": None,
@@ -74,16 +73,31 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
     merged = {**DEFAULTS, **PRESET_VALUES[preset], **explicit}
     problems = [problem for name in PARAMETERS for problem in _type_problem(name, merged[name])]
     if not problems and merged["init_from"] != SCRATCH:
-        problems = pretrained_shape(merged, explicit)
+        problems = model.pretrained_shape(merged, explicit)
     if not problems:
         problems = [f"{name}='': {why}" for name, why in _NOT_EMPTY.items() if merged[name] == ""]
     if problems:
         raise ValueError(_format(problems))
     cfg = _build(preset, merged)
-    problems = config.validate(cfg)
+    problems = config.validate(cfg) + probe(cfg)
     if problems:
         raise ValueError(_format(problems))
     return cfg
+
+
+def probe(cfg: RunConfig) -> list[str]:
+    """What the string parameters name, checked where it lives (the disk, the installed
+    packages; the Hub only through `init_from`): each domain module checks its own."""
+    d, m = cfg.data, cfg.model
+    problems = tokenizer.spec_problems(d.tokenizer, m.vocab_size, own_of_init_from=d.tokenizer == m.init_from)
+    problems += sources.spec_problems(d.dataset) + lora.availability_problems(m.lora_r)
+    if cfg.sample_from and not Path(cfg.sample_from).exists():
+        problems.append(f"sample_from={cfg.sample_from!r}: no such directory or checkpoint "
+                        "(empty: the model just trained)")
+    if cfg.resume_from_checkpoint not in ("", "auto") and not Path(cfg.resume_from_checkpoint).is_file():
+        problems.append(f"resume_from_checkpoint={cfg.resume_from_checkpoint!r}: no such file "
+                        "(use '' for a fresh run or 'auto' for the newest checkpoint)")
+    return problems
 
 
 _NOT_EMPTY = {

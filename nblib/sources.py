@@ -16,8 +16,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from .config import DataConfig
-from .specs import is_local_dataset
+from .config import BUILTIN_DATASETS, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -288,3 +287,20 @@ def python_docs() -> list[str]:
         if docstrings:
             documents.append("\n\n".join(docstrings))
     return documents
+
+
+def is_local_dataset(spec: str) -> bool:
+    """Local path or glob, as opposed to a Hub id such as 'Salesforce/wikitext'."""
+    return (spec.startswith(("/", ".", "~")) or any(c in spec for c in "*?[")
+            or spec.endswith((".txt", ".jsonl", ".json", ".parquet")) or Path(spec).exists())
+
+
+def spec_problems(spec: str) -> list[str]:
+    """An unknown built-in corpus, or a local path or glob that matches nothing."""
+    if spec.startswith("builtin:") and spec not in BUILTIN_DATASETS:
+        return [f"dataset={spec!r}: the built-in corpora are {', '.join(BUILTIN_DATASETS)}"]
+    if spec.startswith("builtin:") or not is_local_dataset(spec):
+        return []
+    if not glob.glob(str(Path(spec).expanduser())):
+        return [f"dataset={spec!r}: no such file, directory or glob match"]
+    return []

@@ -1,12 +1,14 @@
 """The tokenizer spec made real: the GPT-2 tokenizer, a byte-level BPE trained here, or a saved one."""
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .specs import BPE_SPEC
+from .config import BPE_SPEC, GPT2_TOKENIZER, GPT2_TOKENIZERS, GPT2_VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +43,52 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
                                    eos_token=END_OF_TEXT, unk_token=END_OF_TEXT,
                                    model_max_length=1_000_000)
 
+
+def spec_problems(spec: str, vocab_size: int | None, own_of_init_from: bool = False) -> list[str]:
+    """A damaged tokenizer.json, an unknown spec, or a vocab_size below the tokenizer's (a
+    pretrained model's own tokenizer is checked when it loads)."""
+    damaged = _damaged(spec)
+    if damaged or own_of_init_from:
+        return damaged
+    return _spec_problems(spec, vocab_size)
+
+
+def vocab_size_of(spec: str) -> int | None:
+    """The vocabulary a tokenizer spec will have, when knowable without loading heavy data."""
+    if spec in GPT2_TOKENIZERS:
+        return GPT2_VOCAB_SIZE
+    match = BPE_SPEC.match(spec)
+    if match:
+        return int(match.group(1))
+    return len(AutoTokenizer.from_pretrained(spec))
+
+
+def _damaged(spec: str) -> list[str]:
+    """A saved tokenizer whose tokenizer.json does not parse (a truncated upload or copy)."""
+    path = Path(spec) / "tokenizer.json"
+    if not path.is_file():
+        return []
+    try:
+        json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as error:
+        return [f"tokenizer={spec!r}: {path} is damaged or truncated ({error}); save the tokenizer "
+                "again with tokenizer.save_pretrained, or use 'bpe:<vocab size>'"]
+    return []
+
+
+def _spec_problems(spec: str, vocab_size: int | None) -> list[str]:
+    match = BPE_SPEC.match(spec)
+    if match and not 260 <= int(match.group(1)) <= 1_000_000:
+        return [f"tokenizer={spec!r}: bpe vocabulary must be between 260 and 1000000"]
+    if not match and spec not in GPT2_TOKENIZERS and not (Path(spec) / "tokenizer_config.json").is_file():
+        return [f"tokenizer={spec!r}: must be '{GPT2_TOKENIZER}', 'bpe:<vocab size>' (e.g. 'bpe:8192') "
+                "or a directory saved with tokenizer.save_pretrained"]
+    if vocab_size is None:
+        return []
+    if vocab_size <= 0:
+        return [f"vocab_size={vocab_size!r}: must be > 0"]
+    needed = vocab_size_of(spec)
+    if vocab_size < needed:
+        return [f"vocab_size={vocab_size!r}: smaller than the tokenizer's {needed} tokens "
+                f"(tokenizer={spec!r}); use None to take the tokenizer's size"]
+    return []

@@ -1,6 +1,6 @@
 import pytest
 
-from nblib import params, specs
+from nblib import params, sources
 from conftest import tiny_params
 
 
@@ -66,11 +66,11 @@ def test_saved_tokenizer_directory_sets_the_vocabulary_floor(tmp_path, tokenizer
 
 
 def test_hub_ids_and_local_paths_are_told_apart():
-    assert not specs.is_local_dataset("Salesforce/wikitext")
-    assert not specs.is_local_dataset("wikitext")
-    assert specs.is_local_dataset("/kaggle/input/corpus")
-    assert specs.is_local_dataset("data/*.txt")
-    assert specs.is_local_dataset("corpus.parquet")
+    assert not sources.is_local_dataset("Salesforce/wikitext")
+    assert not sources.is_local_dataset("wikitext")
+    assert sources.is_local_dataset("/kaggle/input/corpus")
+    assert sources.is_local_dataset("data/*.txt")
+    assert sources.is_local_dataset("corpus.parquet")
 
 
 def test_to_dict_is_plain_json(tmp_path):
