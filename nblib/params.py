@@ -71,6 +71,8 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r}: must be one of {', '.join(PRESETS)}")
     merged = {**DEFAULTS, **PRESET_VALUES[preset], **explicit}
+    if "dataset_config" not in explicit and merged["dataset"] != PRESET_VALUES[preset]["dataset"]:
+        merged["dataset_config"] = ""  # the preset's configuration belongs to the preset's dataset
     problems = [problem for name in PARAMETERS for problem in _type_problem(name, merged[name])]
     if not problems and merged["init_from"] != SCRATCH:
         problems = model.pretrained_shape(merged, explicit)

@@ -190,6 +190,13 @@ def _load_raw(cfg: DataConfig) -> datasets.DatasetDict:
 def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
     try:
         return datasets.load_dataset(cfg.dataset, cfg.dataset_config or None)
+    except ValueError as error:
+        if "BuilderConfig" not in str(error):
+            raise
+        raise ValueError(  # the Hub answered: the dataset has no such configuration
+            f"dataset_config={cfg.dataset_config!r}: not a configuration of dataset={cfg.dataset!r} "
+            f"({str(error).splitlines()[0]}); set dataset_config to one of those, or \"\" for "
+            "none") from error
     except Exception as error:  # the Hub raises many types; re-raise with the fix attached
         raise RuntimeError(
             f"could not load dataset={cfg.dataset!r} (config {cfg.dataset_config!r}) from the "

@@ -12,6 +12,16 @@ def test_presets_resolve_and_none_means_the_presets_value(tmp_path):
     assert params.resolve({"preset": "cpu-demo"}).data.dataset == "builtin:python-docs"
 
 
+def test_another_dataset_drops_the_presets_configuration_and_an_empty_one_is_a_value(tmp_path):
+    kaggle = {"preset": "kaggle-t4", "output_dir": str(tmp_path)}
+    assert params.resolve(kaggle).data.dataset_config == "wikitext-103-raw-v1"
+    assert params.resolve({**kaggle, "dataset": "roneneldan/TinyStories"}).data.dataset_config == ""
+    assert params.resolve({**kaggle, "dataset": "Salesforce/wikitext"}).data.dataset_config == "wikitext-103-raw-v1"
+    assert params.resolve({**kaggle, "dataset_config": ""}).data.dataset_config == ""
+    with pytest.raises(ValueError, match=r"dataset='': name a dataset, or None for the preset's"):
+        params.resolve({**kaggle, "dataset": ""})
+
+
 def test_parameters_override_the_preset_and_a_notebooks_other_names_are_ignored(tmp_path):
     namespace = {"__name__": "__main__", "In": [], "unrelated_global": object()}
     cfg = params.resolve({**tiny_params(tmp_path), "n_layer": 3, **namespace})

@@ -101,3 +101,15 @@ def test_files_are_checked_before_loading_a_cut_character_and_a_blank_file(tmp_p
     sources.check_files(data_config(broken))  # valid UTF-8 ...
     with pytest.raises(ValueError, match=r"broken.jsonl:2 is not a JSON object on one line"):
         sources.check_records(data_config(broken))  # ... but not JSON lines
+
+
+def test_a_configuration_the_hub_dataset_lacks_is_named_with_the_fix(tmp_path, monkeypatch):
+    """The Hub's own answer (a local dataset folder stands in for a Hub id): the configuration is
+    named, not blamed on the network."""
+    (tmp_path / "train.jsonl").write_text('{"text": "a story"}\n')
+    monkeypatch.setattr(sources, "is_local_dataset", lambda spec: False)
+    cfg = config.DataConfig(dataset=str(tmp_path), dataset_config="wikitext-103-raw-v1", text_column="text",
+                            tokenizer="bpe:300")
+    with pytest.raises(ValueError, match=r"dataset_config='wikitext-103-raw-v1': not a configuration of "
+                                         r"dataset=.*Available: \['default'\].*or \"\" for none"):
+        sources.load(cfg, seed=0)
