@@ -94,9 +94,35 @@ sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f,
 sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "nblib"))]
 """
 
+FAKE_CLOCK = """import functools, sys, time
+from nblib import stopping
+# The time budget's clock: from this process's start, each reading a second later (two on
+# data-parallel rank 0, whose budget then runs out first), so no test waits for real time.
+_now = [time.time()]
+
+def _clock():
+    distributed = sys.modules.get("torch.distributed")
+    rank_0 = distributed is not None and distributed.is_initialized() and distributed.get_rank() == 0
+    _now[0] += 2.0 if rank_0 else 1.0
+    return _now[0]
+
+stopping.TimeBudget = functools.partial(stopping.TimeBudget, clock=_clock)
+"""
+
+
+def sitecustomize(tmp_path: Path, monkeypatch, code: str) -> None:
+    """Run `code` at the start of every Python process started from here on: notebook kernels
+    and data-parallel workers, which a monkeypatch in this process cannot reach."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(code)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+
 
 def hide_installed_nblib(tmp_path: Path, monkeypatch) -> None:
     """Python processes started from here on (notebook kernels too) cannot import nblib."""
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(HIDE_INSTALLED_NBLIB)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    sitecustomize(tmp_path, monkeypatch, HIDE_INSTALLED_NBLIB)
+
+
+def fake_clock(tmp_path: Path, monkeypatch) -> None:
+    """Python processes started from here on read the time budget's clock from FAKE_CLOCK."""
+    sitecustomize(tmp_path, monkeypatch, FAKE_CLOCK)

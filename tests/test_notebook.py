@@ -13,7 +13,7 @@ import torch
 from nblib import checkpoint, params
 from transformers import pipeline
 
-from conftest import hide_installed_nblib, wikitext_lines
+from conftest import fake_clock, hide_installed_nblib, wikitext_lines
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "text_generation_kaggle_production.ipynb"
 
@@ -76,7 +76,8 @@ def test_hub_shaped_stand_ins_parquet_wikitext_and_saved_tokenizer(tmp_path, tok
     assert json.loads((run / "final_model" / "tokenizer_config.json").read_text())
 
 
-def test_time_budget_ends_normally_with_an_export_and_the_next_run_resumes(tmp_path):
+def test_time_budget_ends_normally_with_an_export_and_the_next_run_resumes(tmp_path, monkeypatch):
+    fake_clock(tmp_path, monkeypatch)  # each kernel's session: 30 clock seconds, a second per reading
     run = tmp_path / "run"
     params = dict(preset="smoke", output_dir=str(run), max_steps=1_000_000, save_steps=100_000,
                   eval_steps=200, time_budget_minutes=0.5)
