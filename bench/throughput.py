@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nblib import config, data, hardware, model, optimization, state, tokenizer, train  # noqa: E402
 from nblib.params import resolve  # noqa: E402
 
-SIZES = {  # the smoke preset's model, and the guide's model with a 128-token block
+SIZES = {  # the smoke preset's model, and the guide's model with a 128- or 256-token block
     "smoke": dict(preset="smoke", vocab_size=512, batch_size=16, gradient_accumulation_steps=1),
     "guide": dict(preset="kaggle-t4", max_length=128, batch_size=8, gradient_accumulation_steps=1),
+    "guide-256": dict(preset="kaggle-t4", max_length=256, batch_size=8, gradient_accumulation_steps=1),
 }
 
 
@@ -136,7 +137,7 @@ def main() -> None:
                   "save_steps": 10_000, "eval_blocks": 8, "resume_from_checkpoint": ""}
         cfg = resolve(params)
         vocab = cfg.model.vocab_size or 512
-        corpus = make_corpus(cfg, vocab, blocks=(args.warmup + args.steps + 1) * cfg.train.effective_batch)
+        corpus = make_corpus(cfg, vocab, blocks=(args.warmup + args.steps + 1) * cfg.train.global_batch)
         used = hardware.detect(precision).precision
         run_minimal(cfg, corpus, 1, 2)  # untimed: the first run of a process pays for allocator and kernel warm-up
         runners = {"nblib": lambda: run_nblib(cfg, corpus, args.warmup, args.steps),

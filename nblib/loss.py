@@ -1,11 +1,22 @@
-"""The language-modelling loss: token blocks to inputs and targets, and the cross-entropy over them."""
+"""The language-modelling loss: token blocks to inputs and targets, and the cross-entropy over them.
+
+The LM head is most of a small GPT-2's work and memory: for the guide's micro-batch the (B, T, V)
+logits are 412 MB in fp16 and twice that as the fp32 copy a plain cross-entropy takes. So the loss
+is computed chunk by chunk over the tokens (the idea of Liger Kernel's fused linear cross-entropy
+and Apple's Cut Cross-Entropy, in plain PyTorch so that it runs on a T4 and a CPU alike): each
+chunk's logits, loss and gradients are made and freed in turn, and the full logits never exist.
+The model stays a plain GPT2LMHeadModel; only how its loss is computed changes.
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import GPT2LMHeadModel
 
 from .hardware import Device
+
+CHUNK_ELEMENTS = 2**23  # logits per chunk (32 MB in fp32): 166 tokens of the GPT-2 vocabulary
 
 
 def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,6 +29,66 @@ def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Te
 
 def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: Device,
             reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the next-token predictions, "mean" or "sum" over the tokens. A plain
+    GPT-2 (or one inside DistributedDataParallel) goes through the chunked head; a compiled or
+    LoRA-wrapped model through its own logits."""
+    head = _chunkable(model)
     with device.autocast():
-        logits = model(input_ids=inputs, use_cache=False).logits  # (B, T, V); no KV cache in training
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+        if head is not None:
+            hidden = head.transformer(input_ids=inputs, use_cache=False).last_hidden_state
+            total = linear_cross_entropy(hidden.flatten(0, 1), head.lm_head.weight, targets.flatten())
+        else:
+            logits = model(input_ids=inputs, use_cache=False).logits  # no KV cache in training
+            total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+    return total / targets.numel() if reduction == "mean" else total
+
+
+def _chunkable(model: torch.nn.Module) -> GPT2LMHeadModel | None:
+    """The GPT-2 whose hidden states and tied head the chunked loss can take. Under DDP the
+    gradients are averaged explicitly (collectives.average_gradients), so its wrapper's forward
+    is not needed."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return inner if type(inner) is GPT2LMHeadModel and inner.lm_head.bias is None else None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum over tokens of cross_entropy(hidden @ weight.T, targets), without the (N, V) logits:
+    `hidden` (N, C), `weight` (V, C), `targets` (N,). Matmuls in the autocast dtype, the
+    softmax in fp32, as the plain path does."""
+    kind = hidden.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+    chunk = max(16, CHUNK_ELEMENTS // weight.shape[0])
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)  # not in evaluation
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype, grads)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The loss and both gradients (for the hidden states and the tied weight) are computed in
+    the forward pass, a chunk of tokens at a time; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, dtype, grads):
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if grads else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+            for start in range(0, hidden.shape[0], chunk):
+                h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
+                logits = (h @ w.T).float()
+                log_total = torch.logsumexp(logits, dim=-1)
+                total += (log_total - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if grads:  # d loss / d logits = softmax - one-hot, made in the logits' memory
+                    probabilities = logits.sub_(log_total[:, None]).exp_()
+                    probabilities[torch.arange(len(t), device=t.device), t] -= 1.0
+                    g = probabilities.to(dtype)
+                    grad_hidden[start:start + chunk] = g @ w
+                    grad_weight += (g.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.hidden_dtype = hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_output).to(ctx.hidden_dtype), grad_weight * grad_output, None, None, None, None

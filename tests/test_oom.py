@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import GPT2Model
 
 from nblib import checkpoint, oom, params, train
 from conftest import tiny_params
@@ -14,18 +14,18 @@ from test_train import run_tiny
 def oom_above(monkeypatch):
     """Make every forward pass over more than `limit` blocks raise a CUDA-style OOM."""
     def install(limit, error=torch.OutOfMemoryError):
-        forward = GPT2LMHeadModel.forward
+        forward = GPT2Model.forward
 
         def patched(self, input_ids=None, **kwargs):
             if input_ids.shape[0] > limit:
                 raise error("CUDA out of memory. Tried to allocate 2.00 GiB")
             return forward(self, input_ids=input_ids, **kwargs)
 
-        monkeypatch.setattr(GPT2LMHeadModel, "forward", patched)
+        monkeypatch.setattr(GPT2Model, "forward", patched)
     return install
 
 
-def test_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path, wikitext_file, tokenizer_dir, oom_above):
+def test_oom_halves_the_micro_batch_and_keeps_the_blocks_per_step(tmp_path, wikitext_file, tokenizer_dir, oom_above):
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir), max_steps=8)
     direct, _ = run_tiny(params.resolve({**base, "batch_size": 4, "gradient_accumulation_steps": 4,
                                          "output_dir": str(tmp_path / "direct")}))
@@ -72,14 +72,14 @@ def test_oom_at_micro_batch_one_saves_an_emergency_checkpoint_and_names_the_fix(
 
 
 def test_evaluation_oom_uses_a_smaller_eval_batch_not_a_smaller_training_batch(tiny_config, monkeypatch):
-    forward = GPT2LMHeadModel.forward
+    forward = GPT2Model.forward
 
     def eval_oom(self, input_ids=None, **kwargs):
         if not self.training and input_ids.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return forward(self, input_ids=input_ids, **kwargs)
 
-    monkeypatch.setattr(GPT2LMHeadModel, "forward", eval_oom)
+    monkeypatch.setattr(GPT2Model, "forward", eval_oom)
     result, _ = run_tiny(tiny_config)
     assert result.stop_reason is train.StopReason.COMPLETED
     assert all(math.isfinite(r["val_loss"]) for r in result.history)

@@ -29,9 +29,9 @@ def test_weight_decay_only_on_matrices(tiny_config):
 
 @pytest.fixture
 def nan_on_steps(monkeypatch):
-    """Poison the logits of the training forward passes that belong to the given (1-based) steps."""
-    from transformers import GPT2LMHeadModel
-    forward = GPT2LMHeadModel.forward
+    """Poison the hidden states (and so the logits) of the training forward passes that belong to the given (1-based) steps."""
+    from transformers import GPT2Model
+    forward = GPT2Model.forward
 
     def install(bad_steps, micro_per_step):
         calls = {"n": 0}
@@ -41,10 +41,10 @@ def nan_on_steps(monkeypatch):
             if self.training:
                 calls["n"] += 1
                 if (calls["n"] - 1) // micro_per_step + 1 in bad_steps:
-                    out.logits = out.logits * float("nan")
+                    out.last_hidden_state = out.last_hidden_state * float("nan")
             return out
 
-        monkeypatch.setattr(GPT2LMHeadModel, "forward", patched)
+        monkeypatch.setattr(GPT2Model, "forward", patched)
     return install
 
 

@@ -1,0 +1,62 @@
+"""The chunked LM-head loss equals the plain logits path, in value and in every gradient."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from nblib import hardware, loss
+
+
+def plain_and_chunked(hidden, weight, targets, dtype, monkeypatch):
+    """(loss, d hidden, d weight) by F.cross_entropy over full logits, then by the chunked loss
+    in chunks of 64 tokens."""
+    results = []
+    for chunked in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            if chunked:
+                monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 64 * weight.shape[0])
+                total = loss.linear_cross_entropy(h, w, targets)
+            else:
+                total = F.cross_entropy((h @ w.T).float(), targets, reduction="sum")
+        total.backward()
+        results.append((total.detach(), h.grad, w.grad))
+    return results
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_the_chunked_loss_and_gradients_equal_the_plain_path(monkeypatch, dtype, tolerance):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(300, 32), torch.randn(1000, 32)
+    targets = torch.randint(0, 1000, (300,))
+    (plain, plain_h, plain_w), (chunked, chunked_h, chunked_w) = plain_and_chunked(hidden, weight, targets, dtype, monkeypatch)
+    assert chunked.item() == pytest.approx(plain.item(), rel=tolerance)
+    for got, want in ((chunked_h, plain_h), (chunked_w, plain_w)):
+        assert (got - want).abs().max() <= tolerance * want.abs().max()
+
+
+def test_a_gpt2_trains_through_the_chunked_head_as_through_its_logits(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=32, n_embd=32, n_layer=2, n_head=2, eos_token_id=0,
+                                       bos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    inputs, targets = torch.randint(0, 320, (4, 16)), torch.randint(0, 320, (4, 16))
+    cpu = hardware.Device(torch.device("cpu"), "fp32")
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 10 * 320)  # several chunks over the 64 tokens
+    chunked = loss.loss_of(model, inputs, targets, cpu)
+    chunked.backward()
+    chunked_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    plain = F.cross_entropy(model(input_ids=inputs).logits.flatten(0, 1), targets.flatten())
+    plain.backward()
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    for got, (name, p) in zip(chunked_grads, model.named_parameters()):
+        assert torch.allclose(got, p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_evaluation_takes_the_chunked_loss_without_computing_gradients():
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=32, n_embd=32, n_layer=1, n_head=2, eos_token_id=0,
+                                       bos_token_id=0))
+    inputs = torch.randint(0, 320, (2, 8))
+    with torch.no_grad():
+        total = loss.loss_of(model, inputs, inputs, hardware.Device(torch.device("cpu"), "fp32"), reduction="sum")
+    assert total.grad_fn is None and total.item() > 0
