@@ -3,14 +3,17 @@
 Same model, data, micro-batch, accumulation and precision; tokens/s measured after warm-up steps;
 model FLOPs utilisation against this machine's matmul peak measured in the same run.
 
-    python bench/throughput.py [--size smoke|guide] [--steps 12] [--warmup 3]
+    python bench/throughput.py [--size smoke|guide|guide-256] [--steps 12] [--warmup 3] [--precisions fp32,auto]
 
-Prints one JSON line per measurement, then a short table. Trainer needs `pip install accelerate`.
+Each runner runs in a process of its own (so its peak resident memory is its own). Prints one JSON
+line per measurement, then a short table. Trainer needs `pip install accelerate`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +31,7 @@ SIZES = {  # the smoke preset's model, and the guide's model with a 128- or 256-
     "smoke": dict(preset="smoke", vocab_size=512, batch_size=16, gradient_accumulation_steps=1),
     "guide": dict(preset="kaggle-t4", max_length=128, batch_size=8, gradient_accumulation_steps=1),
     "guide-256": dict(preset="kaggle-t4", max_length=256, batch_size=8, gradient_accumulation_steps=1),
+    "guide-512": dict(preset="kaggle-t4", max_length=512, batch_size=8, gradient_accumulation_steps=1),
 }
 
 
@@ -65,8 +69,10 @@ def run_nblib(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: in
     return result.history[1]["tokens_per_second"]
 
 
-def run_minimal(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: int) -> float:
-    """The same model and optimizer in a bare nanoGPT-style loop: no logging, no checkpoints."""
+def run_minimal(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: int,
+                own_loss: bool = False) -> float:
+    """The same model and optimizer in a bare nanoGPT-style loop: no logging, no checkpoints.
+    `own_loss`: transformers' loss (`labels=`) instead of a cross-entropy over the logits."""
     state.seed_everything(0)
     device = hardware.detect(cfg.train.precision)
     net = model.build(cfg.model, corpus.tokenizer)
@@ -81,8 +87,12 @@ def run_minimal(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: 
         for a in range(t.gradient_accumulation_steps):
             batch = torch.from_numpy(blocks[np.sort(micro[i * t.gradient_accumulation_steps + a])].astype(np.int64))
             with device.autocast():
-                logits = net(input_ids=batch[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                if own_loss:
+                    loss = net(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+                else:
+                    logits = net(input_ids=batch[:, :-1]).logits
+            if not own_loss:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
             (loss / t.gradient_accumulation_steps).backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), t.max_grad_norm)
         opt.step()
@@ -123,37 +133,55 @@ def run_trainer(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: 
     return steps * t.tokens_per_step / (time.perf_counter() - clock.started)
 
 
+RUNNERS = ("nblib", "minimal loop", "labels= loop", "Trainer")
+
+
+def measure(size: str, precision: str, runner: str, warmup: int, steps: int) -> dict:
+    """One runner in this process: tokens/s, MFU against the matmul peak measured here, and the
+    process's peak resident memory."""
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    params = {**SIZES[size], "precision": precision, "output_dir": tempfile.mkdtemp(),
+              "max_steps": warmup + steps, "warmup_steps": 2, "eval_steps": warmup,
+              "save_steps": 10_000, "eval_blocks": 8, "resume_from_checkpoint": ""}
+    cfg = resolve(params)
+    vocab = cfg.model.vocab_size or 512
+    corpus = make_corpus(cfg, vocab, blocks=(warmup + steps + 1) * cfg.train.global_batch)
+    used = hardware.detect(precision).precision
+    tokens_per_second = {"nblib": lambda: run_nblib(cfg, corpus, warmup, steps),
+                         "minimal loop": lambda: run_minimal(cfg, corpus, warmup, steps),
+                         "labels= loop": lambda: run_minimal(cfg, corpus, warmup, steps, own_loss=True),
+                         "Trainer": lambda: run_trainer(cfg, corpus, warmup, steps, used == "bf16")}[runner]()
+    return dict(bench="throughput", size=size, runner=runner, precision=used,
+                tokens_per_second=round(tokens_per_second, 1),
+                mfu=round(tokens_per_second * flops_per_token(cfg, vocab) / peaks[used], 4),
+                max_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                peak_tflops={k: round(v / 1e12, 3) for k, v in peaks.items()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=SIZES, default="smoke")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--precisions", default="fp32,auto")
+    parser.add_argument("--runners", default=",".join(RUNNERS), help=f"some of {', '.join(RUNNERS)}")
+    parser.add_argument("--runner", choices=RUNNERS, help="measure this one here (the others: a process each)")
     args = parser.parse_args()
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    if args.runner:
+        print(json.dumps(measure(args.size, args.precisions, args.runner, args.warmup, args.steps)), flush=True)
+        return
     rows = []
-    for precision in ("fp32", "auto"):
-        params = {**SIZES[args.size], "precision": precision, "output_dir": tempfile.mkdtemp(),
-                  "max_steps": args.warmup + args.steps, "warmup_steps": 2, "eval_steps": args.warmup,
-                  "save_steps": 10_000, "eval_blocks": 8, "resume_from_checkpoint": ""}
-        cfg = resolve(params)
-        vocab = cfg.model.vocab_size or 512
-        corpus = make_corpus(cfg, vocab, blocks=(args.warmup + args.steps + 1) * cfg.train.global_batch)
-        used = hardware.detect(precision).precision
-        run_minimal(cfg, corpus, 1, 2)  # untimed: the first run of a process pays for allocator and kernel warm-up
-        runners = {"nblib": lambda: run_nblib(cfg, corpus, args.warmup, args.steps),
-                   "minimal loop": lambda: run_minimal(cfg, corpus, args.warmup, args.steps),
-                   "Trainer": lambda: run_trainer(cfg, corpus, args.warmup, args.steps, used == "bf16")}
-        for name, runner in runners.items():
-            tokens_per_second = runner()
-            mfu = tokens_per_second * flops_per_token(cfg, vocab) / peaks[used]
-            row = dict(bench="throughput", size=args.size, runner=name, precision=used,
-                       tokens_per_second=round(tokens_per_second, 1), mfu=round(mfu, 4),
-                       peak_tflops={k: round(v / 1e12, 3) for k, v in peaks.items()})
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    print(f"\n{'runner':14} {'precision':9} {'tokens/s':>10} {'MFU':>7}")
+    for precision in args.precisions.split(","):
+        for runner in args.runners.split(","):  # a fresh process each, so each peak memory is its own
+            out = subprocess.run([sys.executable, __file__, "--size", args.size, "--steps", str(args.steps),
+                                  "--warmup", str(args.warmup), "--precisions", precision, "--runner", runner],
+                                 capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{'runner':14} {'precision':9} {'tokens/s':>10} {'MFU':>7} {'peak RSS':>9}")
     for r in rows:
-        print(f"{r['runner']:14} {r['precision']:9} {r['tokens_per_second']:>10,.0f} {r['mfu']:>7.1%}")
+        print(f"{r['runner']:14} {r['precision']:9} {r['tokens_per_second']:>10,.0f} {r['mfu']:>7.1%} "
+              f"{r['max_rss_gb']:>7.2f} GB")
 
 
 if __name__ == "__main__":
