@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from . import config, lora, model, paths, sources, tokenizer
+from . import config, paths
 from .config import PRESET_VALUES, PRESETS, SCRATCH, RunConfig
 
 DEFAULTS: dict[str, Any] = {
@@ -75,13 +75,15 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
         merged["dataset_config"] = ""  # the preset's configuration belongs to the preset's dataset
     problems = [problem for name in PARAMETERS for problem in _type_problem(name, merged[name])]
     if not problems and merged["init_from"] != SCRATCH:
+        from . import model  # transformers: imported only when there is a pretrained model to read
+
         problems = model.pretrained_shape(merged, explicit)
     if not problems:
         problems = [f"{name}='': {why}" for name, why in _NOT_EMPTY.items() if merged[name] == ""]
     if problems:
         raise ValueError(_format(problems))
     cfg = _build(preset, merged)
-    problems = config.validate(cfg) + probe(cfg)
+    problems = config.validate(cfg) or probe(cfg)  # the rules first: they answer at once
     if problems:
         raise ValueError(_format(problems))
     return cfg
@@ -89,7 +91,11 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
 
 def probe(cfg: RunConfig) -> list[str]:
     """What the string parameters name, checked where it lives (the disk, the installed
-    packages; the Hub only through `init_from`): each domain module checks its own."""
+    packages; the Hub only through `init_from`): each domain module checks its own. Imported
+    here, so that a misspelt or invalid parameter is answered before torch, transformers and
+    datasets load."""
+    from . import lora, sources, tokenizer
+
     d, m = cfg.data, cfg.model
     problems = tokenizer.spec_problems(d.tokenizer, m.vocab_size, own_of_init_from=d.tokenizer == m.init_from)
     problems += sources.spec_problems(d.dataset) + lora.availability_problems(m.lora_r)

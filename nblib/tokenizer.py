@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterable
-
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING, Iterable
 
 from .config import BPE_SPEC, GPT2_TOKENIZER, GPT2_TOKENIZERS, GPT2_VOCAB_SIZE
+
+if TYPE_CHECKING:  # transformers itself loads with the first tokenizer, not with the spec checks
+    from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,8 @@ def load(spec: str, training_texts: Iterable[str] = ()) -> PreTrainedTokenizerFa
     if match:
         return train_bpe(training_texts, int(match.group(1)))
     try:
+        from transformers import AutoTokenizer  # transformers loads when a tokenizer does
+
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except OSError as error:
         raise RuntimeError(f"could not load tokenizer={spec!r}: on Kaggle turn Internet on for "
@@ -39,6 +42,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
                             special_tokens=[END_OF_TEXT], show_progress=False)
     log.info("trained a byte-level BPE with %d tokens", bpe.get_vocab_size())
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=END_OF_TEXT,
                                    eos_token=END_OF_TEXT, unk_token=END_OF_TEXT,
                                    model_max_length=1_000_000)
@@ -60,6 +65,8 @@ def vocab_size_of(spec: str) -> int | None:
     match = BPE_SPEC.match(spec)
     if match:
         return int(match.group(1))
+    from transformers import AutoTokenizer
+
     return len(AutoTokenizer.from_pretrained(spec))
 
 
