@@ -3,7 +3,7 @@
 Same model, data, micro-batch, accumulation and precision; tokens/s measured after warm-up steps;
 model FLOPs utilisation against this machine's matmul peak measured in the same run.
 
-    python bench/throughput.py [--size smoke|guide|guide-256] [--steps 12] [--warmup 3] [--precisions fp32,auto]
+    python bench/throughput.py [--size smoke|bar|guide|guide-256|guide-512] [--steps 12] [--warmup 3] [--precisions fp32,auto]
 
 Each runner runs in a process of its own (so its peak resident memory is its own). Prints one JSON
 line per measurement, then a short table. Trainer needs `pip install accelerate`.
@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nblib import config, data, hardware, model, optimization, state, tokenizer, train  # noqa: E402
 from nblib.params import resolve  # noqa: E402
 
-SIZES = {  # the smoke preset's model, and the guide's model with a 128- or 256-token block
+SIZES = {  # the smoke preset's model, cpu-demo's at issue 15's bar, and the guide's at T=128/256/512
     "smoke": dict(preset="smoke", vocab_size=512, batch_size=16, gradient_accumulation_steps=1),
+    "bar": dict(preset="cpu-demo", vocab_size=4096, max_length=256, batch_size=8, gradient_accumulation_steps=1),
     "guide": dict(preset="kaggle-t4", max_length=128, batch_size=8, gradient_accumulation_steps=1),
     "guide-256": dict(preset="kaggle-t4", max_length=256, batch_size=8, gradient_accumulation_steps=1),
     "guide-512": dict(preset="kaggle-t4", max_length=512, batch_size=8, gradient_accumulation_steps=1),

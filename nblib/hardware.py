@@ -138,8 +138,9 @@ def _cpu_precision(precision: str, features: tuple[str, ...]) -> str:
     if precision == "fp16":  # runs (autocast and GradScaler("cpu")), slowly: the T4's path, testable here
         log.warning("precision='fp16' on a CPU: the T4's fp16 + GradScaler path, slower than 'auto' here")
     if precision == "auto":
-        # bf16 autocast measured 1.3-1.6x faster than fp32 on AMX CPUs; slower without it.
-        return "bf16" if "amx_bf16" in features else "fp32"
+        # bf16 autocast measured 1.3-1.6x faster than fp32 with AMX, and 1.5-1.7x with AVX-512-BF16
+        # alone (bench/RESULTS.md); without either, bf16 is emulated and slower.
+        return "bf16" if {"amx_bf16", "avx512_bf16"} & set(features) else "fp32"
     return precision
 
 

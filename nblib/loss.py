@@ -16,7 +16,8 @@ from transformers import GPT2LMHeadModel
 
 from .hardware import Device
 
-CHUNK_ELEMENTS = 2**23  # logits per chunk (32 MB in fp32): 166 tokens of the GPT-2 vocabulary
+CHUNK_ELEMENTS = 2**25  # logits per chunk, in the matmul dtype (64 MB in bf16: 667 GPT-2 tokens)
+PIECE_ELEMENTS = 2**21  # logits per softmax piece (8 MB in fp32), so the fp32 work stays in cache
 
 
 def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,17 +58,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     softmax in fp32, as the plain path does."""
     kind = hidden.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
-    chunk = max(16, CHUNK_ELEMENTS // weight.shape[0])
+    chunk, piece = (max(16, elements // weight.shape[0]) for elements in (CHUNK_ELEMENTS, PIECE_ELEMENTS))
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)  # not in evaluation
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, dtype, grads)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, piece, dtype, grads)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """The loss and both gradients (for the hidden states and the tied weight) are computed in
-    the forward pass, a chunk of tokens at a time; backward only scales them."""
+    the forward pass, a chunk of tokens at a time; backward only scales them. Each chunk's
+    logits are one matmul; the softmax goes over them a piece at a time and leaves the gradient
+    of the logits in their place, for two more matmuls."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, dtype, grads):
+    def forward(ctx, hidden, weight, targets, chunk, piece, dtype, grads):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -75,15 +78,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
             for start in range(0, hidden.shape[0], chunk):
                 h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
-                logits = (h @ w.T).float()
-                log_total = torch.logsumexp(logits, dim=-1)
-                total += (log_total - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                if grads:  # d loss / d logits = softmax - one-hot, made in the logits' memory
-                    probabilities = logits.sub_(log_total[:, None]).exp_()
-                    probabilities[torch.arange(len(t), device=t.device), t] -= 1.0
-                    g = probabilities.to(dtype)
-                    grad_hidden[start:start + chunk] = g @ w
-                    grad_weight += (g.T @ h).float()
+                logits = h @ w.T
+                for row in range(0, len(t), piece):
+                    total += _cross_entropy_piece(logits[row:row + piece], t[row:row + piece], grads)
+                if grads:  # the logits now hold d loss / d logits
+                    grad_hidden[start:start + chunk] = logits @ w
+                    grad_weight += (logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype = hidden.dtype
         return total
@@ -91,4 +91,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_output).to(ctx.hidden_dtype), grad_weight * grad_output, None, None, None, None
+        return (grad_hidden * grad_output).to(ctx.hidden_dtype), grad_weight * grad_output, None, None, None, None, None
+
+
+def _cross_entropy_piece(logits: torch.Tensor, targets: torch.Tensor, grads: bool) -> torch.Tensor:
+    """The summed cross-entropy of these rows; with `grads`, the logits are overwritten by its
+    gradient, softmax - one-hot. One fused fp32 softmax gives both: at each row's largest logit
+    the probability is 1 / sum(exp(logits - max)) >= 1 / V, so log-sum-exp = max - log(that
+    probability) never underflows."""
+    probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    rows = torch.arange(len(targets), device=targets.device)
+    log_total = logits.amax(dim=-1).float() - probabilities.amax(dim=-1).log()
+    total = (log_total - logits[rows, targets].float()).sum()
+    if grads:
+        probabilities[rows, targets] -= 1.0
+        logits.copy_(probabilities)
+    return total

@@ -141,11 +141,12 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     interrupt = stopping.InterruptFlag(escalate=not collectives.in_worker())
     reporter = report.open_reporter(cfg.report_to, run_dir, config) if device.is_main else report.Reporter()
     ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, reporter, time.perf_counter(), steps)
-    window, reason = _Window(state.tokens_seen), StopReason.COMPLETED
+    window, reason = _Window(), StopReason.COMPLETED
     if state.step < steps:
         budget.refuse_if_spent()
     with interrupt.installed(), progress.bar(steps, state.step, disable=not device.is_main) as bar:
         while state.step < steps:
+            began = time.perf_counter()
             interrupted, out_of_time = collectives.agree(bool(interrupt), budget.exhausted(), device=device)
             if interrupted or out_of_time:  # between steps: the state is whole
                 reason = StopReason.INTERRUPTED if interrupted else StopReason.TIME_BUDGET
@@ -160,7 +161,8 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
                 reason = StopReason.OUT_OF_MEMORY  # the position stays before this step
                 break
             state.epoch, state.position = epoch, position
-            _count_step(state, outcome, len(indices) * t.max_length, window)
+            _count_step(state, outcome, len(indices) * t.max_length)
+            window.count(outcome, len(indices) * t.max_length, time.perf_counter() - began)
             bar.set_postfix(_progress(state, outcome, window, device), refresh=False)
             bar.update()
             reporter.scalars({"train/loss": outcome.loss, "train/grad_norm": outcome.grad_norm,
@@ -196,16 +198,13 @@ class _Run:
     total_steps: int
 
 
-def _count_step(state: TrainState, outcome: StepOutcome, tokens: int, window: "_Window") -> None:
+def _count_step(state: TrainState, outcome: StepOutcome, tokens: int) -> None:
     state.step += 1
     state.tokens_seen += tokens
     state.step_losses.append(outcome.loss if outcome.applied else math.nan)
     state.skipped_steps += not outcome.applied
     state.bad_streak = state.bad_streak + 1 if outcome.bad_loss else 0
-    if outcome.applied:
-        window.losses.append(outcome.loss)
-        window.grad_norms.append(outcome.grad_norm)
-    elif outcome.bad_loss:
+    if outcome.bad_loss:
         log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)",
                     state.step, outcome.loss, outcome.grad_norm, state.bad_streak)
 
@@ -222,24 +221,31 @@ def _save_on_stop(reason: StopReason, state: TrainState, ctx: _Run) -> None:
 
 
 class _Window:
-    """Training losses and throughput since the last evaluation."""
+    """Training losses and throughput since the last evaluation. The throughput counts the
+    training steps' own time: evaluations, samples and checkpoint saves are left out."""
 
-    def __init__(self, tokens_seen: int):
+    def __init__(self):
         self.losses: list[float] = []
         self.grad_norms: list[float] = []
-        self.tokens, self.time = tokens_seen, time.perf_counter()
+        self.tokens, self.seconds = 0, 0.0
 
-    def tokens_per_second(self, tokens_seen: int) -> float:
-        return (tokens_seen - self.tokens) / max(time.perf_counter() - self.time, 1e-9)
+    def count(self, outcome: StepOutcome, tokens: int, seconds: float) -> None:
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        if outcome.applied:
+            self.losses.append(outcome.loss)
+            self.grad_norms.append(outcome.grad_norm)
 
-    def reset(self, tokens_seen: int) -> None:
-        self.__init__(tokens_seen)
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else math.nan
+
+    def reset(self) -> None:
+        self.__init__()
 
 
 def _progress(state: TrainState, outcome: StepOutcome, window: _Window, device: Device) -> dict:
     shown = {"loss": f"{outcome.loss:.3f}", "lr": f"{state.scheduler.get_last_lr()[0]:.2e}",
              "grad_norm": f"{outcome.grad_norm:.2f}",
-             "tok/s": f"{window.tokens_per_second(state.tokens_seen):,.0f}"}
+             "tok/s": f"{window.tokens_per_second():,.0f}"}
     if device.is_cuda:
         shown["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}GB"
     return shown
@@ -258,7 +264,7 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> None:
         "val_perplexity": perplexity(state.val_loss),
         "learning_rate": state.scheduler.get_last_lr()[0],
         "grad_norm": float(np.mean(window.grad_norms)) if window.grad_norms else math.nan,
-        "tokens_per_second": window.tokens_per_second(state.tokens_seen),
+        "tokens_per_second": window.tokens_per_second(),
         "elapsed_seconds": time.perf_counter() - ctx.started,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "batch_size": state.batch_size,
@@ -279,7 +285,7 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> None:
         state.best_val_loss = state.val_loss
         if ctx.device.is_main:
             checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(ctx.config))
-    window.reset(state.tokens_seen)  # throughput counts training, not evaluation and its saves
+    window.reset()  # throughput counts training, not evaluation and its saves
 
 
 def _evaluation_scalars(record: dict, device: Device) -> dict[str, float]:

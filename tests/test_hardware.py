@@ -4,8 +4,10 @@ import torch
 from nblib import hardware, params
 
 
-def test_cpu_auto_uses_bf16_only_with_amx():
+def test_cpu_auto_uses_bf16_only_with_bf16_instructions():
     assert hardware._cpu_precision("auto", ("avx512f", "amx_bf16")) == "bf16"
+    assert hardware._cpu_precision("auto", ("avx512f", "avx512_bf16")) == "bf16"
+    assert hardware._cpu_precision("auto", ("avx512f",)) == "fp32"
     assert hardware._cpu_precision("auto", ("avx2",)) == "fp32"
     assert hardware._cpu_precision("fp16", ()) == "fp16"  # the T4's path, slowly: so CI can run it
 

@@ -9,13 +9,14 @@ from nblib import hardware, loss
 
 def plain_and_chunked(hidden, weight, targets, dtype, monkeypatch):
     """(loss, d hidden, d weight) by F.cross_entropy over full logits, then by the chunked loss
-    in chunks of 64 tokens."""
+    in chunks of 64 tokens, softmax pieces of 20."""
     results = []
     for chunked in (False, True):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             if chunked:
-                monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 64 * weight.shape[0])
+                monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 64 * weight.shape[0])  # 5 chunks
+                monkeypatch.setattr(loss, "PIECE_ELEMENTS", 20 * weight.shape[0])  # of 4 pieces
                 total = loss.linear_cross_entropy(h, w, targets)
             else:
                 total = F.cross_entropy((h @ w.T).float(), targets, reduction="sum")
@@ -41,7 +42,8 @@ def test_a_gpt2_trains_through_the_chunked_head_as_through_its_logits(monkeypatc
                                        bos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     inputs, targets = torch.randint(0, 320, (4, 16)), torch.randint(0, 320, (4, 16))
     cpu = hardware.Device(torch.device("cpu"), "fp32")
-    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 10 * 320)  # several chunks over the 64 tokens
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 32 * 320)  # 2 chunks over the 64 tokens,
+    monkeypatch.setattr(loss, "PIECE_ELEMENTS", 10 * 320)  # each of 2 pieces
     chunked = loss.loss_of(model, inputs, targets, cpu)
     chunked.backward()
     chunked_grads = [p.grad.clone() for p in model.parameters()]
@@ -60,3 +62,12 @@ def test_evaluation_takes_the_chunked_loss_without_computing_gradients():
     with torch.no_grad():
         total = loss.loss_of(model, inputs, inputs, hardware.Device(torch.device("cpu"), "fp32"), reduction="sum")
     assert total.grad_fn is None and total.item() > 0
+
+
+def test_a_target_far_below_the_top_logit_keeps_a_finite_exact_loss(monkeypatch):
+    """Its probability underflows fp32 (exp(-300)); the loss comes from the largest logit's instead."""
+    hidden, weight = torch.tensor([[300.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    targets = torch.tensor([1, 2])
+    (plain, _, plain_w), (chunked, _, chunked_w) = plain_and_chunked(hidden, weight, targets, torch.float32, monkeypatch)
+    assert torch.isfinite(chunked) and chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert torch.allclose(chunked_w, plain_w)

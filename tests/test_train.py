@@ -49,6 +49,19 @@ def test_run_trains_evaluates_saves_and_rotates(tiny_config):
     assert best["val_loss"] == min(r["val_loss"] for r in history)
 
 
+def test_throughput_counts_the_training_steps_not_evaluations_or_saves(tiny_config, monkeypatch):
+    """A clock that moves 1 s per reading in the loop, and 1000 s in each evaluation and save:
+    each step is 1 s, so the history's tokens/s is tokens per step, whatever they cost."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    for name in ("evaluate", "_save_checkpoint"):
+        slow = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, slow=slow: ([next(clock) for _ in range(1000)], slow(*a))[1])
+    result, _ = run_tiny(tiny_config)
+    per_step = tiny_config.train.tokens_per_step
+    assert [r["tokens_per_second"] for r in result.history] == [per_step] * 3
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, wikitext_file, tokenizer_dir):
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir), max_steps=4, dropout=0.0,
                        eval_steps=4, save_steps=4)
