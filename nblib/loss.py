@@ -9,6 +9,8 @@ The model stays a plain GPT2LMHeadModel; only how its loss is computed changes.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,36 +33,46 @@ def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Te
 def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: Device,
             reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of the next-token predictions, "mean" or "sum" over the tokens. A plain
-    GPT-2 (or one inside DistributedDataParallel) goes through the chunked head; a compiled or
-    LoRA-wrapped model through its own logits."""
-    head = _chunkable(model)
+    GPT-2 (or one inside DistributedDataParallel) goes through the chunked head, compiled with
+    its body (optimization.compiled_forward); any other model through its own logits."""
+    head = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    head = head if chunkable(head) else None
     with device.autocast():
         if head is not None:
             hidden = head.transformer(input_ids=inputs, use_cache=False).last_hidden_state
-            total = linear_cross_entropy(hidden.flatten(0, 1), head.lm_head.weight, targets.flatten())
+            compiled = getattr(head.transformer, "_compiled_call_impl", None) is not None
+            total = linear_cross_entropy(hidden.flatten(0, 1), head.lm_head.weight, targets.flatten(), compiled)
         else:
             logits = model(input_ids=inputs, use_cache=False).logits  # no KV cache in training
             total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
     return total / targets.numel() if reduction == "mean" else total
 
 
-def _chunkable(model: torch.nn.Module) -> GPT2LMHeadModel | None:
-    """The GPT-2 whose hidden states and tied head the chunked loss can take. Under DDP the
-    gradients are averaged explicitly (collectives.average_gradients), so its wrapper's forward
-    is not needed."""
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    return inner if type(inner) is GPT2LMHeadModel and inner.lm_head.bias is None else None
+def chunkable(model: torch.nn.Module) -> bool:
+    """A plain GPT-2, whose hidden states and tied head the chunked loss can take. Under DDP the
+    gradients are averaged explicitly (collectives.average_gradients), so the wrapper's forward
+    is not needed: loss_of unwraps it."""
+    return type(model) is GPT2LMHeadModel and model.lm_head.bias is None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def _compiled_piece():
+    """_cross_entropy_piece under torch.compile, for a model whose body is compiled: one fused
+    kernel for what is otherwise a softmax, two reductions, a gather and a copy."""
+    return torch.compile(_cross_entropy_piece, dynamic=True)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         compiled: bool = False) -> torch.Tensor:
     """sum over tokens of cross_entropy(hidden @ weight.T, targets), without the (N, V) logits:
     `hidden` (N, C), `weight` (V, C), `targets` (N,). Matmuls in the autocast dtype, the
-    softmax in fp32, as the plain path does."""
+    softmax in fp32, as the plain path does; `compiled`: its pieces under torch.compile."""
     kind = hidden.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
     chunk, piece = (max(16, elements // weight.shape[0]) for elements in (CHUNK_ELEMENTS, PIECE_ELEMENTS))
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)  # not in evaluation
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, piece, dtype, grads)
+    piece_loss = _compiled_piece() if compiled else _cross_entropy_piece
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, piece, dtype, grads, piece_loss)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -70,7 +82,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     of the logits in their place, for two more matmuls."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, piece, dtype, grads):
+    def forward(ctx, hidden, weight, targets, chunk, piece, dtype, grads, piece_loss):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -80,7 +92,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h, t = hidden[start:start + chunk].to(dtype), targets[start:start + chunk]
                 logits = h @ w.T
                 for row in range(0, len(t), piece):
-                    total += _cross_entropy_piece(logits[row:row + piece], t[row:row + piece], grads)
+                    total += piece_loss(logits[row:row + piece], t[row:row + piece], grads)
                 if grads:  # the logits now hold d loss / d logits
                     grad_hidden[start:start + chunk] = logits @ w
                     grad_weight += (logits.T @ h).float()
@@ -91,7 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_output).to(ctx.hidden_dtype), grad_weight * grad_output, None, None, None, None, None
+        return (grad_hidden * grad_output).to(ctx.hidden_dtype), grad_weight * grad_output, *[None] * 6
 
 
 def _cross_entropy_piece(logits: torch.Tensor, targets: torch.Tensor, grads: bool) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from . import collectives, oom
 from .config import RunConfig
 from .hardware import Device
-from .loss import loss_of, to_batch
+from .loss import chunkable, loss_of, to_batch
 from .state import TrainState
 
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak, as nanoGPT does
@@ -68,12 +68,17 @@ def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int
 
 
 def compiled_forward(model: torch.nn.Module, device: Device) -> torch.nn.Module:
-    """torch.compile(model), refused where it is known to break: Triton needs compute
-    capability 7.0 or more (Kaggle's P100 is 6.0). Checkpoints keep saving `model` itself, so
-    no `_orig_mod.` prefix reaches them."""
+    """The forward under torch.compile, refused where it is known to break: Triton needs compute
+    capability 7.0 or more (Kaggle's P100 is 6.0). A plain GPT-2 compiles its body in place and
+    keeps the chunked loss, whose softmax pieces loss_of then compiles too; any other model is compiled
+    whole. Checkpoints keep saving `model` itself, so no `_orig_mod.` prefix reaches them."""
     if device.is_cuda and device.compute_capability < (7, 0):
         raise ValueError(f"torch_compile=True: torch.compile needs compute capability 7.0 or more, "
                          f"this GPU has {device.compute_capability}; set torch_compile=False")
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if chunkable(inner):
+        inner.transformer.compile()
+        return model
     return torch.compile(model)
 
 
