@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nblib import config, data, hardware, model, optimization, state, tokenizer, train  # noqa: E402
@@ -62,6 +63,12 @@ def make_corpus(cfg: config.RunConfig, vocab: int, blocks: int) -> data.Corpus:
     return data.Corpus(small, Path(tempfile.mkdtemp()), tokens, cfg.train.max_length)
 
 
+def plain_gpt2(cfg: config.RunConfig, corpus: data.Corpus) -> GPT2LMHeadModel:
+    """The same GPT-2 (padded vocabulary included) with transformers' own modules, as a user's
+    loop builds it: without nblib's fused GELU (model.fused_gelu)."""
+    return GPT2LMHeadModel(model.gpt2_config(cfg.model, corpus.tokenizer))
+
+
 def run_nblib(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: int) -> float:
     """tokens/s of train.run over the steps after `warmup` (the history's window excludes evaluation)."""
     state.seed_everything(0)
@@ -76,7 +83,7 @@ def run_minimal(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: 
     `own_loss`: transformers' loss (`labels=`) instead of a cross-entropy over the logits."""
     state.seed_everything(0)
     device = hardware.detect(cfg.train.precision)
-    net = model.build(cfg.model, corpus.tokenizer)
+    net = plain_gpt2(cfg, corpus)
     opt = optimization.build_optimizer(net, cfg)
     blocks, t = corpus.blocks("train"), cfg.train
     n_micro = (warmup + steps) * t.gradient_accumulation_steps
@@ -106,7 +113,7 @@ def run_trainer(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: 
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     state.seed_everything(0)
-    net = model.build(cfg.model, corpus.tokenizer)
+    net = plain_gpt2(cfg, corpus)
     blocks, t = corpus.blocks("train"), cfg.train
 
     class Blocks(torch.utils.data.Dataset):

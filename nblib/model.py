@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import torch
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from . import lora
 from .config import SCRATCH, ModelConfig
@@ -41,13 +42,26 @@ def build(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadMod
     """A freshly initialised GPT-2 (seed first: the weights come from torch's RNG), or the
     pretrained one `init_from` names, with LoRA adapters when `lora_r` > 0."""
     if cfg.init_from == SCRATCH:
-        return GPT2LMHeadModel(gpt2_config(cfg, tokenizer))
+        return fused_gelu(GPT2LMHeadModel(gpt2_config(cfg, tokenizer)))
     model = GPT2LMHeadModel.from_pretrained(cfg.init_from, resid_pdrop=cfg.dropout,
                                             embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout).float()
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"init_from={cfg.init_from!r}: its tokenizer has {len(tokenizer)} tokens, "
                          f"its model {model.config.vocab_size} rows")
+    model = fused_gelu(model)
     return lora.wrap(model, cfg) if cfg.lora_r else model
+
+
+def fused_gelu(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """GPT-2's activation, "gelu_new", is the tanh GELU written as six Python-level tensor ops,
+    each keeping its input for the backward pass; torch's one kernel computes the same function
+    (to rounding) faster and keeps one. Only the module changes: the config, the weights and
+    every export stay GPT-2's."""
+    if model.config.activation_function == "gelu_new":
+        for module in model.modules():
+            if isinstance(module, GPT2MLP):
+                module.act = torch.nn.GELU(approximate="tanh")
+    return model
 
 
 def unpadded_vocab_size(model: GPT2LMHeadModel) -> int:

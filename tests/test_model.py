@@ -52,3 +52,21 @@ def test_vocabulary_is_padded_to_a_multiple_of_64_inside_the_run_only():
     # the logits agree to float rounding, not bitwise (6e-8 apart with torch 2.13 on CPU).
     torch.testing.assert_close(plain(ids).logits, net(ids).logits[..., :50257], rtol=1e-5, atol=1e-6)
     assert model.parameter_counts(plain) == model.parameter_counts(net)
+
+
+def test_the_fused_gelu_computes_gpt2s_activation_and_keeps_less_for_backward():
+    cfg = replace(params.resolve({"preset": "smoke"}).model, dropout=0.0)
+    torch.manual_seed(0)
+    fused = model.build(cfg, FakeTokenizer())
+    plain = type(fused)(fused.config)  # transformers' own modules, gelu_new
+    plain.load_state_dict(fused.state_dict())
+    assert fused.config.activation_function == "gelu_new"  # what every export says
+    inputs = torch.randint(0, 50257, (2, 16))
+    saved = {}
+    for name, net in (("fused", fused), ("plain", plain)):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            logits = net(input_ids=inputs).logits
+        saved[name] = (logits, sum(sizes))
+    assert torch.allclose(saved["fused"][0], saved["plain"][0], atol=1e-5)
+    assert saved["fused"][1] < saved["plain"][1]
