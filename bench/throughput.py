@@ -3,7 +3,7 @@
 Same model, data, micro-batch, accumulation and precision; tokens/s measured after warm-up steps;
 model FLOPs utilisation against this machine's matmul peak measured in the same run.
 
-    python bench/throughput.py [--size smoke|bar|guide|guide-256|guide-512] [--steps 12] [--warmup 3] [--precisions fp32,auto]
+    python bench/throughput.py [--size smoke|bar|guide|guide-256|guide-512] [--steps 12] [--warmup 3] [--precisions fp32,auto] [--repeats 3]
 
 Each runner runs in a process of its own (so its peak resident memory is its own). Prints one JSON
 line per measurement, then a short table. Trainer needs `pip install accelerate`.
@@ -173,23 +173,27 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--precisions", default="fp32,auto")
     parser.add_argument("--runners", default=",".join(RUNNERS), help=f"some of {', '.join(RUNNERS)}")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of every runner; the table shows medians")
     parser.add_argument("--runner", choices=RUNNERS, help="measure this one here (the others: a process each)")
     args = parser.parse_args()
     if args.runner:
         print(json.dumps(measure(args.size, args.precisions, args.runner, args.warmup, args.steps)), flush=True)
         return
-    rows = []
-    for precision in args.precisions.split(","):
-        for runner in args.runners.split(","):  # a fresh process each, so each peak memory is its own
-            out = subprocess.run([sys.executable, __file__, "--size", args.size, "--steps", str(args.steps),
-                                  "--warmup", str(args.warmup), "--precisions", precision, "--runner", runner],
-                                 capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'runner':14} {'precision':9} {'tokens/s':>10} {'MFU':>7} {'peak RSS':>9}")
-    for r in rows:
-        print(f"{r['runner']:14} {r['precision']:9} {r['tokens_per_second']:>10,.0f} {r['mfu']:>7.1%} "
-              f"{r['max_rss_gb']:>7.2f} GB")
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeats):  # the runners take turns, so a slow spell of the machine hits all
+        for precision in args.precisions.split(","):
+            for runner in args.runners.split(","):  # a fresh process each: its peak memory is its own
+                out = subprocess.run([sys.executable, __file__, "--size", args.size, "--steps", str(args.steps),
+                                      "--warmup", str(args.warmup), "--precisions", precision, "--runner", runner],
+                                     capture_output=True, text=True, check=True).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                runs.setdefault((precision, runner), []).append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\n{'runner':14} {'precision':9} {'tokens/s':>10} {'MFU':>7} {'peak RSS':>9}  (median of {args.repeats})")
+    for rows in runs.values():
+        median = sorted(rows, key=lambda r: r["tokens_per_second"])[len(rows) // 2]
+        print(f"{median['runner']:14} {median['precision']:9} {median['tokens_per_second']:>10,.0f} "
+              f"{median['mfu']:>7.1%} {median['max_rss_gb']:>7.2f} GB")
 
 
 if __name__ == "__main__":
