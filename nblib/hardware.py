@@ -63,6 +63,21 @@ class Device:
                 f"torch {torch.__version__}")
 
 
+def peak_memory(device: Device) -> dict[str, float]:
+    """This process's peak resident memory so far, and on a GPU the peak its tensors took, in GB."""
+    peaks = {}
+    try:
+        import resource  # not on Windows
+        # ru_maxrss is in KiB on Linux, in bytes on macOS
+        scale = 2**30 if platform.system() == "Darwin" else 2**20
+        peaks["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 3)
+    except ImportError:
+        pass
+    if device.is_cuda:
+        peaks["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device.device) / 2**30, 3)
+    return peaks
+
+
 def cpu_features() -> tuple[str, ...]:
     """The CPU flags that decide whether bf16 autocast pays off (Linux only)."""
     try:

@@ -16,7 +16,7 @@ import torch
 from . import checkpoint, collectives, contract, files, generate, oom, progress, report, stopping
 from .config import RunConfig
 from .data import Corpus
-from .hardware import Device
+from .hardware import Device, peak_memory
 from .state import TrainState, capture_rng, global_batch_of
 from .evaluation import evaluate, perplexity
 from .model import weights_are_finite
@@ -60,7 +60,7 @@ class RunResult:
         s = self.state
         facts = (f"{s.step} steps, {s.tokens_seen:,} tokens in {self.elapsed_seconds:.0f} s, "
                  f"{s.skipped_steps} skipped; best validation loss {s.best_val_loss:.4f} "
-                 f"(perplexity {perplexity(s.best_val_loss):.1f})")
+                 f"(perplexity {perplexity(s.best_val_loss):.1f}){self._memory()}")
         emergency = self.run_dir / checkpoint.EMERGENCY
         resume = "resume with resume_from_checkpoint='auto'"
         advice = {
@@ -74,6 +74,17 @@ class RunResult:
                                        f"{emergency}; reduce max_length, n_embd or n_layer"),
         }
         return f"{advice[self.stop_reason]}: {facts}"
+
+    def _memory(self) -> str:
+        """The peak memory of the first and the last evaluation (this process's, rank 0's)."""
+        records = [r for r in self.history if "peak_rss_gb" in r]
+        if not records:
+            return ""
+        first, last = records[0], records[-1]
+        shown = f"; peak memory {first['peak_rss_gb']:.2f} GB resident at step {first['step']}, {last['peak_rss_gb']:.2f} GB at the end"
+        if "peak_gpu_memory_gb" in last:
+            shown += f" (GPU: {first['peak_gpu_memory_gb']:.2f} GB, then {last['peak_gpu_memory_gb']:.2f} GB)"
+        return shown
 
     def raise_if_failed(self) -> None:
         """Stop a notebook's Run All (and fail papermill) after a bad-loss streak or an OOM at
@@ -270,6 +281,7 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> None:
         "batch_size": state.batch_size,
         "gradient_accumulation_steps": state.gradient_accumulation_steps,
         "skipped_steps": state.skipped_steps,
+        **peak_memory(ctx.device),
         "events": state.events[recorded:],  # OOM back-offs since the previous record
         "samples": generate.samples(state.model, ctx.tokenizer, cfg.sampling) if ctx.device.is_main else [],
     })
@@ -278,7 +290,7 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> None:
              "%.0f tokens/s, %.0f s", state.step, ctx.total_steps, state.train_loss, state.val_loss,
              record["val_perplexity"], record["learning_rate"], record["grad_norm"],
              record["tokens_per_second"], record["elapsed_seconds"])
-    ctx.reporter.scalars(_evaluation_scalars(record, ctx.device), state.step)
+    ctx.reporter.scalars(_evaluation_scalars(record), state.step)
     if ctx.device.is_main:  # every rank holds the same history and weights; one writes them
         files.write_json(cfg.output_dir / "training_history.json", state.history)
     if state.val_loss < state.best_val_loss and weights_are_finite(state.model):
@@ -288,11 +300,10 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> None:
     window.reset()  # throughput counts training, not evaluation and its saves
 
 
-def _evaluation_scalars(record: dict, device: Device) -> dict[str, float]:
+def _evaluation_scalars(record: dict) -> dict[str, float]:
     scalars = {"eval/loss": record["val_loss"], "eval/perplexity": record["val_perplexity"],
                "train/tokens_per_second": record["tokens_per_second"]}
-    if device.is_cuda:
-        scalars["gpu/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    scalars.update({f"memory/{key}": record[key] for key in ("peak_rss_gb", "peak_gpu_memory_gb") if key in record})
     return scalars
 
 

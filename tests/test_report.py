@@ -20,7 +20,7 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path, wikitext_file, token
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/grad_norm", "train/learning_rate", "eval/loss", "eval/perplexity",
-            "train/tokens_per_second"} <= tags
+            "train/tokens_per_second", "memory/peak_rss_gb"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
     assert [e.step for e in events.Scalars("eval/loss")] == [4, 8]
 

@@ -41,6 +41,8 @@ def test_run_trains_evaluates_saves_and_rotates(tiny_config):
             "learning_rate", "grad_norm", "tokens_per_second", "elapsed_seconds", "timestamp", "samples"}
     assert all(keys <= set(r) for r in history)
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in history)
+    assert 0.1 < history[0]["peak_rss_gb"] <= history[-1]["peak_rss_gb"] < 24  # GB, this process's
+    assert f"GB resident at step 4, {history[-1]['peak_rss_gb']:.2f} GB at the end" in result.describe()
     prompt, = tiny_config.sampling.prompts
     assert all(len(r["samples"]) == 1 and r["samples"][0].startswith(prompt) for r in history)
     assert [p.name for _, p in checkpoint.list_checkpoints(out / "checkpoints")] == [
