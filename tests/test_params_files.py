@@ -44,3 +44,32 @@ def test_papermill_reads_a_parameter_file(tmp_path):
     resolved = json.loads(text[text.index("{\n"):text.rindex("}") + 1])  # dry_run prints the whole config
     assert resolved["preset"] == "smoke" and resolved["train"]["max_steps"] == 40
     assert resolved["sampling"]["prompts"] == ["Return the"]
+
+
+def run_job(*argv, cwd=PARAMS.parent.parent):
+    return subprocess.run([sys.executable, "-m", "nblib.job", *map(str, argv)], cwd=cwd, capture_output=True,
+                          text=True)
+
+
+def test_the_job_reads_papermills_file_with_overrides_and_shows_the_config(tmp_path):
+    shown = run_job(PARAMS / "smoke.yaml", "--set", f"output_dir={tmp_path / 'run'}", "--set", "max_steps=7",
+                    "--set", "prompts=[a, b]", "--set", "dataset_config=", "--set", "dropout=null", "--show-config")
+    assert shown.returncode == 0, shown.stderr
+    resolved = json.loads(shown.stdout)
+    assert resolved["preset"] == "smoke" and resolved["train"]["max_steps"] == 7
+    assert resolved["sampling"]["prompts"] == ["a", "b"] and resolved["data"]["dataset_config"] == ""
+    assert resolved["model"]["dropout"] == params.resolve({"preset": "smoke"}).model.dropout  # null: the preset's
+    assert resolved["output_dir"] == str(tmp_path / "run") and not (tmp_path / "run").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "max_step=7"], "max_step"),  # the parameter checks name it
+    (["--set", "max_steps"], "--set 'max_steps': write --set name=value"),
+    (["{missing}"], "No such file"),
+    (["{list}"], "not a mapping of parameter names to values"),
+])
+def test_the_job_refuses_bad_input_with_a_message_not_a_traceback(tmp_path, argv, message):
+    (tmp_path / "list.yaml").write_text("- preset\n- smoke\n")
+    argv = [a.format(missing=tmp_path / "missing.yaml", list=tmp_path / "list.yaml") for a in argv]
+    refused = run_job(*argv, "--show-config")
+    assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
