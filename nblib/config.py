@@ -16,6 +16,7 @@ PRESETS = ("kaggle-t4", "cpu-demo", "smoke")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 REPORTERS = ("none", "tensorboard", "wandb")
 LORA_EXPORTS = ("merged", "adapter")
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 SCRATCH = "scratch"
 BUILTIN_DATASETS = ("builtin:python-docs",)
 GPT2_VOCAB_SIZE = 50257
@@ -107,6 +108,7 @@ class RunConfig:
     devices: str | int = "auto"  # processes for data-parallel training: "auto" (every GPU) or a count
     report_to: str = "none"  # "none", "tensorboard" or "wandb"
     lora_export: str = "merged"  # final_model of a LoRA run: "merged" weights or the "adapter" alone
+    export_dtype: str = "float32"  # final_model's weights: float32, float16 or bfloat16
     sample_from: str = ""  # the generate cell's model: "" the one just trained, a directory or a .pt
     started_at: float = field(default_factory=paths.session_started_at)  # the time budget counts from it
 
@@ -126,7 +128,7 @@ class RunConfig:
             items = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(part).items())
             lines.append(f"{name}: {items}")
         lines.append(f"resume_from_checkpoint={self.resume_from_checkpoint!r}, devices={self.devices!r}, "
-                     f"report_to={self.report_to!r}, lora_export={self.lora_export!r}, "
+                     f"report_to={self.report_to!r}, lora_export={self.lora_export!r}, export_dtype={self.export_dtype!r}, "
                      f"sample_from={self.sample_from!r}, dry_run={self.dry_run}")
         return "\n".join(lines)
 
@@ -217,6 +219,8 @@ def _validate_lora(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.lora_export not in LORA_EXPORTS:
         problems.append(f"lora_export={cfg.lora_export!r}: must be one of {', '.join(LORA_EXPORTS)}")
+    if cfg.export_dtype not in EXPORT_DTYPES:
+        problems.append(f"export_dtype={cfg.export_dtype!r}: must be one of {', '.join(EXPORT_DTYPES)}")
     if m.lora_r < 0:
         problems.append(f"lora_r={m.lora_r!r}: must be >= 0 (0: no LoRA)")
     if m.lora_r <= 0:

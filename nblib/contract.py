@@ -53,7 +53,8 @@ RULES: dict[str, tuple[str, str]] = {
         "prompts", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
         "num_return_sequences", "generation_seed")},
     **{name: (FREE, "where and how this session runs") for name in (
-        "preset", "output_dir", "resume_from_checkpoint", "dry_run", "sample_from", "lora_export")},
+        "preset", "output_dir", "resume_from_checkpoint", "dry_run", "sample_from", "lora_export",
+        "export_dtype")},
 }
 assert set(RULES) == set(PARAMETERS), set(RULES) ^ set(PARAMETERS)
 

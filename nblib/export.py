@@ -1,10 +1,12 @@
 """The deliverable: `final_model/` in Hugging Face format, loadable by `pipeline("text-generation")`."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from . import checkpoint, files, generate, lora
@@ -27,13 +29,16 @@ def load_best_weights(model: PreTrainedModel, run_dir: Path) -> bool:
 
 
 def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_dir: Path,
-                sampling: SamplingConfig | None = None, lora_export: str = "merged") -> Path:
+                sampling: SamplingConfig | None = None, lora_export: str = "merged",
+                export_dtype: str = "float32") -> Path:
     """Write model (safetensors), config, generation config and tokenizer to `run_dir/final_model`.
 
     The generation config carries `sampling`'s settings, so `pipeline("text-generation")` samples
     as the notebook did. A LoRA model is exported merged into a plain GPT2LMHeadModel, or as the
     adapter alone (`lora_export="adapter"`, loaded with peft's AutoPeftModelForCausalLM). The
-    directory is swapped in whole, so a kill mid-export keeps the previous export.
+    weights are saved in `export_dtype` ("float32", "float16" or "bfloat16"; an adapter stays as
+    trained), `model` itself untouched. The directory is swapped in whole, so a kill mid-export
+    keeps the previous export.
 
     Raises:
         ValueError: the weights hold NaN or infinity (nothing is written).
@@ -45,6 +50,8 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
         exported = lora.merged(model) if lora_export == "merged" else model
     else:
         exported = model_weights.unpadded(model)  # the tokenizer's vocabulary, not the padded rows
+    if export_dtype != "float32" and not (exported is model and lora.is_lora(model)):
+        exported = (copy.deepcopy(exported) if exported is model else exported).to(getattr(torch, export_dtype))
     generation = generate.generation_config(sampling or SamplingConfig(prompts=()), tokenizer, model.config)
 
     def fill(directory: Path) -> None:

@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "drop_remainder": True, "token_key": "",
     # fine-tuning
     "init_from": SCRATCH, "lora_r": 0, "lora_alpha": 16.0, "lora_dropout": 0.05,
-    "lora_target_modules": "c_attn", "lora_export": "merged",
+    "lora_target_modules": "c_attn", "lora_export": "merged", "export_dtype": "float32",
     # model
     "vocab_size": None, "n_positions": None, "n_embd": None, "n_layer": None, "n_head": None,
     "n_inner": None, "dropout": None,
@@ -204,7 +204,7 @@ def _build(preset: str, v: dict[str, Any]) -> RunConfig:
         model=pick(config.ModelConfig, lora_target_modules=targets), train=pick(config.TrainConfig),
         sampling=pick(config.SamplingConfig, prompts=prompts, seed=v["generation_seed"]),
         resume_from_checkpoint=str(v["resume_from_checkpoint"]), dry_run=v["dry_run"],
-        devices=v["devices"], report_to=v["report_to"], lora_export=v["lora_export"],
+        devices=v["devices"], report_to=v["report_to"], lora_export=v["lora_export"], export_dtype=v["export_dtype"],
         sample_from=str(v["sample_from"]),
     )
 

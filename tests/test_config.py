@@ -56,6 +56,7 @@ def test_parameters_override_the_preset_and_a_notebooks_other_names_are_ignored(
     ({"prompts": ["ok", 3]}, r"prompts=\['ok', 3\]: must be a list of strings"),
     ({"report_to": "mlflow"}, r"report_to='mlflow': must be one of none, tensorboard, wandb"),
     ({"lora_export": "both"}, r"lora_export='both': must be one of merged, adapter"),
+    ({"export_dtype": "fp16"}, r"export_dtype='fp16': must be one of float32, float16, bfloat16"),
     ({"sample_from": "/no/model"}, r"sample_from='/no/model': no such directory or checkpoint"),
 ])
 def test_each_rule_names_parameter_value_and_what_is_allowed(tmp_path, override, message):

@@ -128,3 +128,17 @@ def test_an_export_loads_under_the_other_major_transformers_and_back(tmp_path, t
         assert seen["generated"] == other["generated"]
         torch.testing.assert_close(torch.tensor(seen["logits"]), torch.tensor(other["logits"]))
     assert {oct(p.stat().st_mode & 0o777) for p in there.iterdir()} == {oct(p.stat().st_mode & 0o777) for p in here.iterdir()}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_export_dtype_halves_the_weights_and_leaves_the_trained_model_alone(trained, tmp_path, dtype):
+    from safetensors import safe_open
+
+    final = export.final_model(trained.net, trained.tokenizer, tmp_path, export_dtype=dtype)
+    with safe_open(str(final / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {getattr(torch, dtype)}
+    full = (trained.final / "model.safetensors").stat().st_size
+    assert (final / "model.safetensors").stat().st_size < 0.55 * full
+    assert all(p.dtype == torch.float32 for p in trained.net.parameters())  # the notebook samples from it next
+    text = pipeline("text-generation", model=str(final))("The", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The")

@@ -80,9 +80,22 @@ def test_lora_finetune_trains_adapters_only_resumes_and_exports_merged_or_adapte
     assert torch.equal(merged.transformer.h[0].mlp.c_fc.weight, pretrained.transformer.h[0].mlp.c_fc.weight)
     assert not torch.equal(merged.transformer.h[0].attn.c_attn.weight, pretrained.transformer.h[0].attn.c_attn.weight)
 
-    execute(tmp_path, **{**params, "max_steps": 12, "lora_export": "adapter"})
+    execute(tmp_path, **{**params, "max_steps": 12, "lora_export": "adapter", "export_dtype": "float16"})
     assert (run / "final_model" / "adapter_config.json").is_file()
+    assert stored_dtypes(run / "final_model" / "adapter_model.safetensors") == {torch.float32}  # as trained
     from peft import AutoPeftModelForCausalLM
     adapter = AutoPeftModelForCausalLM.from_pretrained(str(run / "final_model"))
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(adapter(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
+
+    execute(tmp_path, **{**params, "max_steps": 12, "export_dtype": "float16"})  # the merged export follows it
+    assert stored_dtypes(run / "final_model" / "model.safetensors") == {torch.float16}
+    half = GPT2LMHeadModel.from_pretrained(str(run / "final_model"), dtype=torch.float32)
+    torch.testing.assert_close(half(ids).logits, merged(ids).logits, rtol=2e-2, atol=2e-2)
+
+
+def stored_dtypes(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as weights:
+        return {weights.get_tensor(key).dtype for key in weights.keys()}
