@@ -24,12 +24,12 @@ from nblib.params import resolve  # noqa: E402
 TRIALS = {
     "preset": {},
     "T256": dict(max_length=256),
-    "T256-nodrop": dict(max_length=256, dropout=0.0),
-    "T256-nodrop-lr2e-3": dict(max_length=256, dropout=0.0, learning_rate=2e-3),
-    "T256-nodrop-lr5e-4": dict(max_length=256, dropout=0.0, learning_rate=5e-4),
-    "T256-nodrop-b32": dict(max_length=256, dropout=0.0, gradient_accumulation_steps=4),
-    "T256-nodrop-b8": dict(max_length=256, dropout=0.0, gradient_accumulation_steps=1),
-    "T128-nodrop": dict(dropout=0.0),
+    "nodrop": dict(dropout=0.0),
+    "nodrop-lr2e-3": dict(dropout=0.0, learning_rate=2e-3),
+    "nodrop-lr3e-3": dict(dropout=0.0, learning_rate=3e-3),
+    "nodrop-lr2e-3-b8": dict(dropout=0.0, learning_rate=2e-3, gradient_accumulation_steps=1),
+    "lr2e-3": dict(learning_rate=2e-3),
+    "nodrop-lr2e-3-T256-b8": dict(dropout=0.0, learning_rate=2e-3, max_length=256, gradient_accumulation_steps=1),
 }
 
 

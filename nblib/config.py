@@ -109,6 +109,8 @@ class RunConfig:
     report_to: str = "none"  # "none", "tensorboard" or "wandb"
     lora_export: str = "merged"  # final_model of a LoRA run: "merged" weights or the "adapter" alone
     export_dtype: str = "float32"  # final_model's weights: float32, float16 or bfloat16
+    eval_hellaswag: str = ""  # after training: "" none, "hub" (Rowan/hellaswag) or a HellaSwag JSONL file
+    hellaswag_items: int = 0  # HellaSwag items scored: 0 all, else the first this many
     sample_from: str = ""  # the generate cell's model: "" the one just trained, a directory or a .pt
     started_at: float = field(default_factory=paths.session_started_at)  # the time budget counts from it
 
@@ -129,7 +131,8 @@ class RunConfig:
             lines.append(f"{name}: {items}")
         lines.append(f"resume_from_checkpoint={self.resume_from_checkpoint!r}, devices={self.devices!r}, "
                      f"report_to={self.report_to!r}, lora_export={self.lora_export!r}, export_dtype={self.export_dtype!r}, "
-                     f"sample_from={self.sample_from!r}, dry_run={self.dry_run}")
+                     f"sample_from={self.sample_from!r}, eval_hellaswag={self.eval_hellaswag!r}, "
+                     f"hellaswag_items={self.hellaswag_items}, dry_run={self.dry_run}")
         return "\n".join(lines)
 
 
@@ -219,6 +222,8 @@ def _validate_lora(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.lora_export not in LORA_EXPORTS:
         problems.append(f"lora_export={cfg.lora_export!r}: must be one of {', '.join(LORA_EXPORTS)}")
+    if cfg.hellaswag_items < 0:
+        problems.append(f"hellaswag_items={cfg.hellaswag_items}: must be 0 (every item) or more")
     if cfg.export_dtype not in EXPORT_DTYPES:
         problems.append(f"export_dtype={cfg.export_dtype!r}: must be one of {', '.join(EXPORT_DTYPES)}")
     if m.lora_r < 0:

@@ -98,4 +98,9 @@ def summary(run_dir: Path) -> str:
         if path.is_file() and "data_cache" not in path.parts and not path.name.startswith("."):
             lines.append(f"  {path.relative_to(run_dir)}  {path.stat().st_size / 2**20:.2f} MB")
     lines.append(f'load it: transformers.pipeline("text-generation", model="{run_dir / FINAL_MODEL}")')
+    history_file = run_dir / "training_history.json"
+    last = (json.loads(history_file.read_text()) or [{}])[-1] if history_file.is_file() else {}
+    if "hellaswag_accuracy" in last:
+        lines.append(f"HellaSwag ({last['hellaswag_source']}, {last['hellaswag_items']:,} items): accuracy "
+                     f"{last['hellaswag_accuracy']:.4f} (summed log-likelihood: {last['hellaswag_sum_accuracy']:.4f})")
     return "\n".join(lines)

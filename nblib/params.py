@@ -40,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     # generation
     "prompts": None, "max_new_tokens": 60, "temperature": 0.8, "top_k": 50, "top_p": 0.95,
     "repetition_penalty": 1.0, "num_return_sequences": 1, "generation_seed": 0, "sample_from": "",
+    # after training
+    "eval_hellaswag": "", "hellaswag_items": 0,
 }
 PARAMETERS = tuple(DEFAULTS)
 
@@ -94,11 +96,12 @@ def probe(cfg: RunConfig) -> list[str]:
     packages; the Hub only through `init_from`): each domain module checks its own. Imported
     here, so that a misspelt or invalid parameter is answered before torch, transformers and
     datasets load."""
-    from . import lora, sources, tokenizer
+    from . import hellaswag, lora, sources, tokenizer
 
     d, m = cfg.data, cfg.model
     problems = tokenizer.spec_problems(d.tokenizer, m.vocab_size, own_of_init_from=d.tokenizer == m.init_from)
     problems += sources.spec_problems(d.dataset) + lora.availability_problems(m.lora_r)
+    problems += hellaswag.spec_problems(cfg.eval_hellaswag)
     if cfg.sample_from and not Path(cfg.sample_from).exists():
         problems.append(f"sample_from={cfg.sample_from!r}: no such directory or checkpoint "
                         "(empty: the model just trained)")
@@ -205,7 +208,8 @@ def _build(preset: str, v: dict[str, Any]) -> RunConfig:
         sampling=pick(config.SamplingConfig, prompts=prompts, seed=v["generation_seed"]),
         resume_from_checkpoint=str(v["resume_from_checkpoint"]), dry_run=v["dry_run"],
         devices=v["devices"], report_to=v["report_to"], lora_export=v["lora_export"], export_dtype=v["export_dtype"],
-        sample_from=str(v["sample_from"]),
+        sample_from=str(v["sample_from"]), eval_hellaswag=str(v["eval_hellaswag"]),
+        hellaswag_items=v["hellaswag_items"],
     )
 
 

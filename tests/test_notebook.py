@@ -31,9 +31,15 @@ def outputs_text(nb) -> str:
 
 def test_smoke_preset_trains_and_writes_every_output(tmp_path):
     run = tmp_path / "run"
-    execute(tmp_path, preset="smoke", output_dir=str(run))
+    items = [{"ctx": "Return the", "endings": ["value of x.", "list of files.", "a b c d", "number."], "label": i % 4}
+             for i in range(5)]
+    (tmp_path / "hellaswag_val.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    nb = execute(tmp_path, preset="smoke", output_dir=str(run), eval_hellaswag=str(tmp_path / "hellaswag_val.jsonl"),
+                 hellaswag_items=4)
 
     history = json.loads((run / "training_history.json").read_text())
+    assert history[-1]["hellaswag_items"] == 4 and 0 <= history[-1]["hellaswag_accuracy"] <= 1
+    assert "HellaSwag (" in outputs_text(nb) and "4 items): accuracy" in outputs_text(nb)  # the cell and the summary
     val = [r["val_loss"] for r in history]
     assert len(val) >= 3 and val[-1] < val[0] and history[-1]["train_loss"] < history[0]["train_loss"]
 
