@@ -152,8 +152,8 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
     "cpu-demo": dict(
         dataset="builtin:python-docs", dataset_config="", tokenizer="bpe:4096",
         vocab_size=None, n_positions=256, n_embd=256, n_layer=4, n_head=4, n_inner=1024,
-        dropout=0.1, batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-3, weight_decay=0.1,
-        max_grad_norm=1.0, epochs=1, max_steps=900, warmup_steps=50, max_length=128,
+        dropout=0.0, batch_size=8, gradient_accumulation_steps=2, learning_rate=2e-3, weight_decay=0.1,
+        max_grad_norm=1.0, epochs=1, max_steps=1200, warmup_steps=50, max_length=128,
         save_steps=200, eval_steps=100, max_checkpoints=4, eval_blocks=160, time_budget_minutes=0,
         prompts=("Return the", "The default value", "This module provides"),
     ),
