@@ -20,6 +20,7 @@ from .hardware import Device
 
 CHUNK_ELEMENTS = 2**25  # logits per chunk, in the matmul dtype (64 MB in bf16: 667 GPT-2 tokens)
 PIECE_ELEMENTS = 2**21  # logits per softmax piece (8 MB in fp32), so the fp32 work stays in cache
+IGNORE_INDEX = -100  # a target that carries no loss (transformers' and torch's convention)
 
 
 def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +33,8 @@ def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Te
 
 def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: Device,
             reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of the next-token predictions, "mean" or "sum" over the tokens. A plain
+    """Cross-entropy of the next-token predictions, "mean" or "sum" over the tokens whose target
+    is not IGNORE_INDEX. A plain
     GPT-2 (or one inside DistributedDataParallel) goes through the chunked head, compiled with
     its body (optimization.compiled_forward); any other model through its own logits."""
     head = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -44,8 +46,9 @@ def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             total = linear_cross_entropy(hidden.flatten(0, 1), head.lm_head.weight, targets.flatten(), compiled)
         else:
             logits = model(input_ids=inputs, use_cache=False).logits  # no KV cache in training
-            total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-    return total / targets.numel() if reduction == "mean" else total
+            total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum",
+                                    ignore_index=IGNORE_INDEX)
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1) if reduction == "mean" else total
 
 
 def chunkable(model: torch.nn.Module) -> bool:
@@ -64,7 +67,8 @@ def _compiled_piece():
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          compiled: bool = False) -> torch.Tensor:
-    """sum over tokens of cross_entropy(hidden @ weight.T, targets), without the (N, V) logits:
+    """sum over tokens of cross_entropy(hidden @ weight.T, targets), targets of IGNORE_INDEX
+    skipped, without the (N, V) logits:
     `hidden` (N, C), `weight` (V, C), `targets` (N,). Matmuls in the autocast dtype, the
     softmax in fp32, as the plain path does; `compiled`: its pieces under torch.compile."""
     kind = hidden.device.type
@@ -93,9 +97,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits = h @ w.T
                 for row in range(0, len(t), piece):
                     total += piece_loss(logits[row:row + piece], t[row:row + piece], grads)
-                if grads:  # the logits now hold d loss / d logits
-                    grad_hidden[start:start + chunk] = logits @ w
-                    grad_weight += (logits.T @ h).float()
+                if grads:  # the logits now hold d loss / d logits, but for ignored targets' rows
+                    counted = (t != IGNORE_INDEX)[:, None].to(dtype)
+                    grad_hidden[start:start + chunk] = (logits @ w) * counted
+                    grad_weight += (logits.T @ (h * counted)).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype = hidden.dtype
         return total
@@ -113,9 +118,11 @@ def _cross_entropy_piece(logits: torch.Tensor, targets: torch.Tensor, grads: boo
     probability) never underflows."""
     probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
     rows = torch.arange(len(targets), device=targets.device)
+    counted = targets != IGNORE_INDEX
+    picked = targets.clamp(min=0)  # any row for an ignored target: its terms are zeroed
     log_total = logits.amax(dim=-1).float() - probabilities.amax(dim=-1).log()
-    total = (log_total - logits[rows, targets].float()).sum()
+    total = ((log_total - logits[rows, picked].float()) * counted).sum()
     if grads:
-        probabilities[rows, targets] -= 1.0
+        probabilities[rows, picked] -= counted.float()  # an ignored row's: zeroed by the caller
         logits.copy_(probabilities)
     return total

@@ -19,7 +19,7 @@ def plain_and_chunked(hidden, weight, targets, dtype, monkeypatch):
                 monkeypatch.setattr(loss, "PIECE_ELEMENTS", 20 * weight.shape[0])  # of 4 pieces
                 total = loss.linear_cross_entropy(h, w, targets)
             else:
-                total = F.cross_entropy((h @ w.T).float(), targets, reduction="sum")
+                total = F.cross_entropy((h @ w.T).float(), targets, reduction="sum", ignore_index=-100)
         total.backward()
         results.append((total.detach(), h.grad, w.grad))
     return results
@@ -71,3 +71,16 @@ def test_a_target_far_below_the_top_logit_keeps_a_finite_exact_loss(monkeypatch)
     (plain, _, plain_w), (chunked, _, chunked_w) = plain_and_chunked(hidden, weight, targets, torch.float32, monkeypatch)
     assert torch.isfinite(chunked) and chunked.item() == pytest.approx(plain.item(), rel=1e-6)
     assert torch.allclose(chunked_w, plain_w)
+
+
+def test_ignored_targets_carry_no_loss_and_no_gradient(monkeypatch):
+    """Labels of -100 (a chat prompt's tokens): skipped as F.cross_entropy's ignore_index skips them."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(300, 32), torch.randn(1000, 32)
+    targets = torch.randint(0, 1000, (300,))
+    targets[::3] = loss.IGNORE_INDEX
+    (plain, plain_h, plain_w), (chunked, chunked_h, chunked_w) = plain_and_chunked(hidden, weight, targets,
+                                                                                   torch.float32, monkeypatch)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert torch.allclose(chunked_h, plain_h, atol=1e-5) and torch.allclose(chunked_w, plain_w, atol=1e-4)
+    assert chunked_h[::3].abs().max() == 0
