@@ -3,7 +3,8 @@
 Same model, data, micro-batch, accumulation and precision; tokens/s measured after warm-up steps;
 model FLOPs utilisation against this machine's matmul peak measured in the same run.
 
-    python bench/throughput.py [--size smoke|bar|guide|guide-256|guide-512] [--steps 12] [--warmup 3] [--precisions fp32,auto] [--repeats 3]
+    python bench/throughput.py [--size smoke|bar|guide|guide-256|guide-512] [--steps 12] [--warmup 3]
+                               [--precisions fp32,auto] [--repeats 3]
 
 Each runner runs in a process of its own (so its peak resident memory is its own). Prints one JSON
 line per measurement, then a short table. Trainer needs `pip install accelerate`.

@@ -130,7 +130,8 @@ class RunConfig:
             items = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(part).items())
             lines.append(f"{name}: {items}")
         lines.append(f"resume_from_checkpoint={self.resume_from_checkpoint!r}, devices={self.devices!r}, "
-                     f"report_to={self.report_to!r}, lora_export={self.lora_export!r}, export_dtype={self.export_dtype!r}, "
+                     f"report_to={self.report_to!r}, lora_export={self.lora_export!r}, "
+                     f"export_dtype={self.export_dtype!r}, "
                      f"sample_from={self.sample_from!r}, eval_hellaswag={self.eval_hellaswag!r}, "
                      f"hellaswag_items={self.hellaswag_items}, dry_run={self.dry_run}")
         return "\n".join(lines)

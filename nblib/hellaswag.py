@@ -124,7 +124,8 @@ def score(model: torch.nn.Module, tokenizer, items: list[Item], device: Device, 
     return Score(mean_right / n, sum_right / n, len(items), source)
 
 
-def _ending_losses(model, tokenizer, item: Item, context_size: int, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
+def _ending_losses(model, tokenizer, item: Item, context_size: int,
+                   device: Device) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, summed) loss of each ending's tokens after the context, the context cut from the
     left where the two exceed the model's context."""
     context = tokenizer.encode(item.context)
@@ -132,14 +133,15 @@ def _ending_losses(model, tokenizer, item: Item, context_size: int, device: Devi
     for ending in item.endings:
         ending_ids = tokenizer.encode(" " + ending)
         ids = (context + ending_ids)[-context_size:]
+        scored = min(len(ending_ids), len(ids) - 1)  # an ending longer than the context: its end
         rows.append(ids)
-        masks.append([0] * (len(ids) - len(ending_ids)) + [1] * len(ending_ids))
+        masks.append([0] * (len(ids) - scored) + [1] * scored)
     width = max(map(len, rows))
     ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device.device)
     mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device.device, dtype=torch.float32)
     with device.autocast():
         logits = model(input_ids=ids).logits.float()
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(rows), -1)
-    losses = losses * mask[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    losses = losses.view(len(rows), -1) * mask[:, 1:]
     sums = losses.sum(dim=1)
     return sums / mask[:, 1:].sum(dim=1), sums

@@ -70,8 +70,8 @@ def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int
 def compiled_forward(model: torch.nn.Module, device: Device) -> torch.nn.Module:
     """The forward under torch.compile, refused where it is known to break: Triton needs compute
     capability 7.0 or more (Kaggle's P100 is 6.0). A plain GPT-2 compiles its body in place and
-    keeps the chunked loss, whose softmax pieces loss_of then compiles too; any other model is compiled
-    whole. Checkpoints keep saving `model` itself, so no `_orig_mod.` prefix reaches them."""
+    keeps the chunked loss, whose softmax pieces loss_of then compiles too; any other model is
+    compiled whole. Checkpoints keep saving `model` itself, so no `_orig_mod.` prefix reaches them."""
     if device.is_cuda and device.compute_capability < (7, 0):
         raise ValueError(f"torch_compile=True: torch.compile needs compute capability 7.0 or more, "
                          f"this GPU has {device.compute_capability}; set torch_compile=False")

@@ -81,7 +81,8 @@ class RunResult:
         if not records:
             return ""
         first, last = records[0], records[-1]
-        shown = f"; peak memory {first['peak_rss_gb']:.2f} GB resident at step {first['step']}, {last['peak_rss_gb']:.2f} GB at the end"
+        shown = (f"; peak memory {first['peak_rss_gb']:.2f} GB resident at step {first['step']}, "
+                 f"{last['peak_rss_gb']:.2f} GB at the end")
         if "peak_gpu_memory_gb" in last:
             shown += f" (GPU: {first['peak_gpu_memory_gb']:.2f} GB, then {last['peak_gpu_memory_gb']:.2f} GB)"
         return shown
