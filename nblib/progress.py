@@ -1,9 +1,12 @@
-"""Progress bars: tqdm in the process that trains, or rank 0's drawn by the notebook's process.
+"""Progress bars: tqdm in the process that trains, or rank 0's drawn by the notebook's process;
+and the window of training steps whose losses and throughput the bar and the history show.
 
 A worker process that shows its progress through its parent says so once (`send_to`), as it
 sends its log records there; the loop just asks for a `bar`.
 """
 from __future__ import annotations
+
+import math
 
 from tqdm.auto import tqdm
 
@@ -44,3 +47,26 @@ class ProgressToParent:
     def update(self, n: int = 1) -> None:
         self.n += n
         self.messages.put(("progress", {"step": self.n, "total": self.total, "postfix": self.postfix}))
+
+
+class Window:
+    """Training losses and throughput since the last evaluation. The throughput counts the
+    training steps' own time: evaluations, samples and checkpoint saves are left out."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.tokens, self.seconds = 0, 0.0
+
+    def count(self, outcome, tokens: int, seconds: float) -> None:
+        """One optimizer step: its tokens and seconds, and (when it was applied) its loss and norm."""
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        if outcome.applied:
+            self.losses.append(outcome.loss)
+            self.grad_norms.append(outcome.grad_norm)
+
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else math.nan
+
+    def reset(self) -> None:
+        self.__init__()

@@ -69,3 +69,11 @@ def open_reporter(report_to: str, run_dir: Path, config: dict) -> Reporter:
             return Reporter()
         return WandB(wandb, run_dir, config)
     return Reporter()
+
+
+def evaluation_scalars(record: dict) -> dict[str, float]:
+    """What an evaluation's history record gives the reporters."""
+    scalars = {"eval/loss": record["val_loss"], "eval/perplexity": record["val_perplexity"],
+               "train/tokens_per_second": record["tokens_per_second"]}
+    scalars.update({f"memory/{key}": record[key] for key in ("peak_rss_gb", "peak_gpu_memory_gb") if key in record})
+    return scalars

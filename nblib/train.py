@@ -153,7 +153,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     interrupt = stopping.InterruptFlag(escalate=not collectives.in_worker())
     reporter = report.open_reporter(cfg.report_to, run_dir, config) if device.is_main else report.Reporter()
     ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, reporter, time.perf_counter(), steps)
-    window, reason = _Window(), StopReason.COMPLETED
+    window, reason = progress.Window(), StopReason.COMPLETED
     if state.step < steps:
         budget.refuse_if_spent()
     with interrupt.installed(), progress.bar(steps, state.step, disable=not device.is_main) as bar:
@@ -232,38 +232,16 @@ def _save_on_stop(reason: StopReason, state: TrainState, ctx: _Run) -> None:
         checkpoint.save(ctx.cfg.output_dir / checkpoint.EMERGENCY, state.state_dict(ctx.config, rng_states))
 
 
-class _Window:
-    """Training losses and throughput since the last evaluation. The throughput counts the
-    training steps' own time: evaluations, samples and checkpoint saves are left out."""
-
-    def __init__(self):
-        self.losses: list[float] = []
-        self.grad_norms: list[float] = []
-        self.tokens, self.seconds = 0, 0.0
-
-    def count(self, outcome: StepOutcome, tokens: int, seconds: float) -> None:
-        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
-        if outcome.applied:
-            self.losses.append(outcome.loss)
-            self.grad_norms.append(outcome.grad_norm)
-
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds else math.nan
-
-    def reset(self) -> None:
-        self.__init__()
-
-
-def _progress(state: TrainState, outcome: StepOutcome, window: _Window, device: Device) -> dict:
+def _progress(state: TrainState, outcome: StepOutcome, window: progress.Window, device: Device) -> dict:
     shown = {"loss": f"{outcome.loss:.3f}", "lr": f"{state.scheduler.get_last_lr()[0]:.2e}",
              "grad_norm": f"{outcome.grad_norm:.2f}",
              "tok/s": f"{window.tokens_per_second():,.0f}"}
     if device.is_cuda:
-        shown["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}GB"
+        shown["mem"] = f"{peak_memory(device)['peak_gpu_memory_gb']:.1f}GB"
     return shown
 
 
-def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> None:
+def _evaluate_and_record(state: TrainState, ctx: _Run, window: progress.Window) -> None:
     """Validation loss into the history (one record per evaluation, with samples of the prompts);
     a new best is saved."""
     cfg = ctx.cfg
@@ -291,7 +269,7 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> None:
              "%.0f tokens/s, %.0f s", state.step, ctx.total_steps, state.train_loss, state.val_loss,
              record["val_perplexity"], record["learning_rate"], record["grad_norm"],
              record["tokens_per_second"], record["elapsed_seconds"])
-    ctx.reporter.scalars(_evaluation_scalars(record), state.step)
+    ctx.reporter.scalars(report.evaluation_scalars(record), state.step)
     if ctx.device.is_main:  # every rank holds the same history and weights; one writes them
         files.write_json(cfg.output_dir / "training_history.json", state.history)
     if state.val_loss < state.best_val_loss and weights_are_finite(state.model):
@@ -299,13 +277,6 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: _Window) -> None:
         if ctx.device.is_main:
             checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(ctx.config))
     window.reset()  # throughput counts training, not evaluation and its saves
-
-
-def _evaluation_scalars(record: dict) -> dict[str, float]:
-    scalars = {"eval/loss": record["val_loss"], "eval/perplexity": record["val_perplexity"],
-               "train/tokens_per_second": record["tokens_per_second"]}
-    scalars.update({f"memory/{key}": record[key] for key in ("peak_rss_gb", "peak_gpu_memory_gb") if key in record})
-    return scalars
 
 
 def _save_checkpoint(state: TrainState, ctx: _Run) -> None:
