@@ -37,8 +37,7 @@ def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     is not IGNORE_INDEX. A plain
     GPT-2 (or one inside DistributedDataParallel) goes through the chunked head, compiled with
     its body (optimization.compiled_forward); any other model through its own logits."""
-    head = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    head = head if chunkable(head) else None
+    head = chunkable_head(model)
     with device.autocast():
         if head is not None:
             hidden = head.transformer(input_ids=inputs, use_cache=False).last_hidden_state
@@ -51,11 +50,12 @@ def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1) if reduction == "mean" else total
 
 
-def chunkable(model: torch.nn.Module) -> bool:
-    """A plain GPT-2, whose hidden states and tied head the chunked loss can take. Under DDP the
-    gradients are averaged explicitly (collectives.average_gradients), so the wrapper's forward
-    is not needed: loss_of unwraps it."""
-    return type(model) is GPT2LMHeadModel and model.lm_head.bias is None
+def chunkable_head(model: torch.nn.Module) -> GPT2LMHeadModel | None:
+    """The plain GPT-2 whose hidden states and tied head the chunked loss can take, or None.
+    Under DDP the gradients are averaged explicitly (collectives.average_gradients), so the
+    wrapper's forward is not needed: the GPT-2 inside it is returned."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return inner if type(inner) is GPT2LMHeadModel and inner.lm_head.bias is None else None
 
 
 @functools.cache

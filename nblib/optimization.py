@@ -12,7 +12,7 @@ import torch
 from . import collectives, oom
 from .config import RunConfig
 from .hardware import Device
-from .loss import chunkable, loss_of, to_batch
+from .loss import chunkable_head, loss_of, to_batch
 from .state import TrainState
 
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak, as nanoGPT does
@@ -75,9 +75,9 @@ def compiled_forward(model: torch.nn.Module, device: Device) -> torch.nn.Module:
     if device.is_cuda and device.compute_capability < (7, 0):
         raise ValueError(f"torch_compile=True: torch.compile needs compute capability 7.0 or more, "
                          f"this GPU has {device.compute_capability}; set torch_compile=False")
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    if chunkable(inner):
-        inner.transformer.compile()
+    head = chunkable_head(model)
+    if head is not None:
+        head.transformer.compile()
         return model
     return torch.compile(model)
 
