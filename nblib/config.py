@@ -17,6 +17,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 REPORTERS = ("none", "tensorboard", "wandb")
 LORA_EXPORTS = ("merged", "adapter")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+DATA_FORMATS = ("auto", "text", "chat")
+TRAIN_ON = ("responses", "all")
 SCRATCH = "scratch"
 BUILTIN_DATASETS = ("builtin:python-docs",)
 GPT2_VOCAB_SIZE = 50257
@@ -34,6 +36,10 @@ class DataConfig:
     stride: int | None = None  # tokens between block starts; None: max_length + 1 (disjoint)
     drop_remainder: bool = True  # False: a last block ends at the stream's end
     token_key: str = ""  # pre-tokenized JSONL: the key of the id lists ("": input_ids or tokens)
+    data_format: str = "auto"  # "text", "chat" (conversations), "auto": chat where a messages column is
+    train_on: str = "responses"  # chat: "responses" (the assistant's tokens carry the loss) or "all"
+    instruction_column: str = "instruction"  # chat from two columns: the user's turn ...
+    response_column: str = "response"  # ... and the assistant's answer
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,10 @@ def validate(cfg: RunConfig) -> list[str]:
     problems += [f"{k}={v!r}: must be >= 0" for k, v in non_negative.items() if v < 0]
     if not 0 <= m.dropout < 1:
         problems.append(f"dropout={m.dropout!r}: must be in [0, 1)")
+    if d.data_format not in DATA_FORMATS:
+        problems.append(f"data_format={d.data_format!r}: must be one of {', '.join(DATA_FORMATS)}")
+    if d.train_on not in TRAIN_ON:
+        problems.append(f"train_on={d.train_on!r}: must be one of {', '.join(TRAIN_ON)}")
     if d.stride is not None and d.stride <= 0:
         problems.append(f"stride={d.stride!r}: must be > 0 (or None for disjoint blocks)")
     if m.n_head > 0 and m.n_embd % m.n_head:

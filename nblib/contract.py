@@ -30,7 +30,8 @@ FREE = "free"  # how this session runs, not part of the run: never compared
 _SCHEDULE = "the schedule is derived again, from the resumed step"
 RULES: dict[str, tuple[str, str]] = {
     **{name: (IDENTITY, "compared through the tokens they make (the same tokens from another path "
-                        "resume)") for name in ("dataset", "dataset_config", "text_column", "token_key")},
+                        "resume)") for name in ("dataset", "dataset_config", "text_column", "token_key", "data_format", "train_on",
+                     "instruction_column", "response_column")},
     "tokenizer": (IDENTITY, "compared through its vocabulary and merges, not its name"),
     **{name: (IDENTITY, "how the tokens are cut into blocks") for name in ("max_length", "stride",
                                                                           "drop_remainder")},

@@ -5,6 +5,7 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from . import bundle, files, paths, pretokenized, sources, tokenizer as tokenizers
-from .config import BPE_SPEC, RunConfig
+from . import bundle, chat, files, paths, pretokenized, sources, tokenizer as tokenizers
+from .config import BPE_SPEC, DataConfig, RunConfig
+from .loss import IGNORE_INDEX
 from .sources import is_local_dataset
 
 log = logging.getLogger(__name__)
@@ -21,7 +23,9 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when the cached format or the text rules change
 ROWS_PER_PROCESS = 50_000  # below this, worker processes cost more than they save
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json")
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+MASK_SUFFIX = ".mask"  # conversations: {split}.mask.bin, one uint8 per token
+CHAT_FIELDS = ("data_format", "train_on", "instruction_column", "response_column")
 
 
 @dataclass(frozen=True)
@@ -32,13 +36,19 @@ class Blocks:
     flat: np.ndarray  # the split's token stream (a memmap)
     starts: np.ndarray  # where each window begins
     size: int  # tokens per window: max_length + 1
+    loss_mask: np.ndarray | None = None  # conversations: 1 where a token carries loss as a target
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __getitem__(self, index) -> np.ndarray:
-        """(n, size) tokens for an index array or a slice."""
-        return self.flat[self.starts[index][..., None] + np.arange(self.size)]
+        """(n, size) tokens for an index array or a slice; for conversations (n, 2, size): the
+        tokens, and the labels (the tokens, IGNORE_INDEX where none is learnt)."""
+        at = self.starts[index][..., None] + np.arange(self.size)
+        if self.loss_mask is None:
+            return self.flat[at]
+        tokens = self.flat[at].astype(np.int64)
+        return np.stack([tokens, np.where(self.loss_mask[at] == 1, tokens, IGNORE_INDEX)], axis=1)
 
 
 @dataclass
@@ -52,6 +62,12 @@ class Corpus:
     stride: int | None = None  # tokens between window starts; None: max_length + 1 (disjoint)
     drop_remainder: bool = True  # False: one last window ends at the stream's end
     digests: dict[str, str] = field(default_factory=dict)  # split -> sha256 of its token file
+    loss_masks: dict[str, np.ndarray] = field(default_factory=dict)  # conversations: split -> uint8 memmap
+
+    @property
+    def is_chat(self) -> bool:
+        """Conversations, formatted with the tokenizer's chat template."""
+        return bool(self.loss_masks)
 
     @property
     def block_size(self) -> int:
@@ -65,7 +81,7 @@ class Corpus:
         starts = np.arange(0, max(len(flat) - size + 1, 0), stride)
         if not self.drop_remainder and len(flat) >= size and starts[-1] + size < len(flat):
             starts = np.append(starts, len(flat) - size)
-        return Blocks(flat, starts, size)
+        return Blocks(flat, starts, size, self.loss_masks.get(split))
 
     def check_blocks(self, dataset: str) -> None:
         """Refuse a split too short for one block, before any training (an empty validation split
@@ -85,7 +101,9 @@ class Corpus:
     def describe(self) -> str:
         counts = ", ".join(f"{s} {len(t):,} tokens / {len(self.blocks(s)):,} blocks"
                            for s, t in self.tokens.items())
-        return f"{counts}; vocabulary {len(self.tokenizer):,}; data in {self.cache_dir}"
+        learnt = ", ".join(f"{s} {int(m.sum()):,}" for s, m in self.loss_masks.items())
+        learnt = f"; tokens that carry loss: {learnt}" if learnt else ""
+        return f"{counts}{learnt}; vocabulary {len(self.tokenizer):,}; data in {self.cache_dir}"
 
 
 def prepare(cfg: RunConfig) -> Corpus:
@@ -124,6 +142,9 @@ def cache_key(cfg: RunConfig) -> str:
     d = cfg.data
     identity = dict(version=CACHE_VERSION, source=sources.fingerprint(d), column=d.text_column,
                     tokenizer=d.tokenizer, seed=cfg.train.seed, token_key=d.token_key)
+    conversations = {name: getattr(d, name) for name in CHAT_FIELDS}
+    if conversations != {name: getattr(DataConfig, name) for name in CHAT_FIELDS}:
+        identity["chat"] = conversations  # (left out at their defaults: text caches keep their keys)
     if Path(d.tokenizer).is_dir():  # a saved tokenizer: what its files hold, not its path
         identity["tokenizer"] = sorted((p.name, files.sha256(p)) for p in Path(d.tokenizer).iterdir()
                                        if p.name in TOKENIZER_FILES)
@@ -138,6 +159,7 @@ def build_cache(cfg: RunConfig, directory: Path) -> None:
         raise ValueError(f"tokenizer={cfg.data.tokenizer!r}: dataset={cfg.data.dataset!r} holds token "
                          "ids, so a BPE cannot be trained on it; pass the tokenizer that made the ids")
     splits = None if token_files else sources.load(cfg.data, cfg.train.seed)
+    conversations = splits is not None and "messages" in splits["train"].column_names
     tokenizer = tokenizers.load(cfg.data.tokenizer, _text_batches(splits["train"]) if splits else ())
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     if token_files:
@@ -145,17 +167,18 @@ def build_cache(cfg: RunConfig, directory: Path) -> None:
             token_files, pretokenized.token_key_of(token_files[0], cfg.data.token_key),
             len(tokenizer), tokenizer.eos_token_id, cfg.train.seed, directory, dtype)
     else:
-        counts = {name: write_tokens(split.map(
-            _tokenize, batched=True, remove_columns=split.column_names,
-            fn_kwargs={"tokenizer": tokenizer}, num_proc=_processes(len(split)),
-            desc=f"tokenizing {name}"), directory / f"{name}.bin", dtype)
-            for name, split in splits.items()}
+        if conversations:
+            chat.ensure_template(tokenizer)
+        counts = {name: write_tokens(_tokenized(split, name, tokenizer, cfg.data), directory, name, dtype)
+                  for name, split in splits.items()}
     empty = [name for name, count in counts.items() if count == 0]
     if empty:
         raise ValueError(f"dataset={cfg.data.dataset!r}: the {', '.join(empty)} split holds no tokens")
     tokenizer.save_pretrained(str(directory / "tokenizer"))
+    written = [p.name.removesuffix(".bin") for p in sorted(directory.glob("*.bin"))]
     meta = dict(dtype=np.dtype(dtype).name, tokens=counts, vocab_size=len(tokenizer),
-                sha256={name: files.sha256(directory / f"{name}.bin") for name in counts},
+                format="chat" if conversations else "text",
+                sha256={name: files.sha256(directory / f"{name}.bin") for name in written},
                 eos_token_id=tokenizer.eos_token_id, key=cache_key(cfg),
                 dataset=cfg.data.dataset, tokenizer=cfg.data.tokenizer)
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -166,22 +189,39 @@ def open_cache(cache_dir: Path, cfg: RunConfig) -> Corpus:
     meta = json.loads((cache_dir / "meta.json").read_text())
     tokens = {name: np.memmap(cache_dir / f"{name}.bin", dtype=meta["dtype"], mode="r")
               for name in meta["tokens"]}
+    masks = {name: np.memmap(cache_dir / f"{name}{MASK_SUFFIX}.bin", dtype=np.uint8, mode="r")
+             for name in tokens} if meta.get("format") == "chat" else {}
     tokenizer = AutoTokenizer.from_pretrained(str(cache_dir / "tokenizer"))
     digests = meta.get("sha256") or {name: files.sha256(cache_dir / f"{name}.bin") for name in tokens}
     return Corpus(tokenizer=tokenizer, cache_dir=cache_dir, tokens=tokens,
                   max_length=cfg.train.max_length, stride=cfg.data.stride,
-                  drop_remainder=cfg.data.drop_remainder, digests=digests)
+                  drop_remainder=cfg.data.drop_remainder, digests=digests, loss_masks=masks)
 
 
-def write_tokens(tokenized, path: Path, dtype) -> int:
-    """Stream the `input_ids` lists into one flat binary file; returns the token count."""
-    count = 0
-    with open(path, "wb") as out:
+def write_tokens(tokenized, directory: Path, split: str, dtype) -> int:
+    """Stream the `input_ids` lists into `{split}.bin`, and conversations' `loss_mask` lists into
+    `{split}.mask.bin` beside it; returns the token count."""
+    count, chat_masks = 0, "loss_mask" in tokenized.column_names
+    with open(directory / f"{split}.bin", "wb") as out, \
+            open(directory / f"{split}{MASK_SUFFIX}.bin", "wb") if chat_masks else nullcontext() as masks:
         for table in tokenized.with_format("arrow").iter(batch_size=10_000):
             ids = pc.list_flatten(table["input_ids"]).to_numpy()
             out.write(ids.astype(dtype).tobytes())
+            if chat_masks:
+                masks.write(pc.list_flatten(table["loss_mask"]).to_numpy().astype(np.uint8).tobytes())
             count += len(ids)
     return count
+
+
+def _tokenized(split, name: str, tokenizer: PreTrainedTokenizerFast, d: DataConfig):
+    """The split's rows as `input_ids` lists (and `loss_mask` lists for conversations)."""
+    if "messages" in split.column_names:
+        function, kwargs = chat.tokenize, dict(train_on=d.train_on, where=f"dataset={d.dataset!r}, {name} split")
+    else:
+        function, kwargs = _tokenize, {}
+    return split.map(function, batched=True, with_indices=function is chat.tokenize,
+                     remove_columns=split.column_names, fn_kwargs={"tokenizer": tokenizer, **kwargs},
+                     num_proc=_processes(len(split)), desc=f"tokenizing {name}")
 
 
 def _tokenize(batch: dict, tokenizer: PreTrainedTokenizerFast) -> dict:
@@ -202,8 +242,11 @@ def _pretokenized_files(cfg: RunConfig) -> list[Path]:
 
 
 def _text_batches(split, batch_size: int = 1000):
+    """The split's text, for training a BPE: a conversation's messages as one text."""
     for start in range(0, len(split), batch_size):
-        yield split[start:start + batch_size]["text"]
+        rows = split[start:start + batch_size]
+        yield rows["text"] if "text" in rows else [
+            "\n".join(turn["content"] for turn in messages) for messages in rows["messages"]]
 
 
 def _processes(rows: int) -> int | None:

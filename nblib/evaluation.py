@@ -8,7 +8,7 @@ import torch
 
 from . import oom
 from .hardware import Device
-from .loss import loss_of, to_batch
+from .loss import counted_targets, loss_of, to_batch
 
 
 def perplexity(loss: float) -> float:
@@ -24,11 +24,15 @@ def evaluate(model: torch.nn.Module, blocks: np.ndarray, device: Device, batch_s
 
     def mean_loss(eval_batch: int) -> float:
         model.eval()
-        total, tokens = torch.zeros((), dtype=torch.float64, device=device.device), 0
+        total, counted = torch.zeros((), dtype=torch.float64, device=device.device), 0
         for start in range(0, len(blocks), eval_batch):
-            inputs, targets = to_batch(blocks[start:start + eval_batch], device)
+            batch = blocks[start:start + eval_batch]
+            inputs, targets = to_batch(batch, device)
             total += loss_of(model, inputs, targets, device, reduction="sum").double()
-            tokens += targets.numel()
-        return (total / tokens).item()
+            counted += counted_targets(batch)
+        if counted == 0:
+            raise ValueError("no token of these blocks carries loss (conversations whose answers all "
+                             "fall outside them): a loss over nothing would read as 0")
+        return (total / counted).item()
 
     return oom.evaluate_with_backoff(mean_loss, batch_size)

@@ -13,14 +13,17 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
                           PreTrainedTokenizerFast)
 
-from . import checkpoint
+from . import chat, checkpoint
 from . import model as model_lib
 from .config import ModelConfig, SamplingConfig
 
 
 @torch.no_grad()
-def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, sampling: SamplingConfig) -> list[str]:
-    """`num_return_sequences` sampled continuations of each prompt, prompt first.
+def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, sampling: SamplingConfig,
+            chat_format: bool = False) -> list[str]:
+    """`num_return_sequences` sampled continuations of each prompt, prompt first; with
+    `chat_format`, each prompt is the user's turn in the tokenizer's chat template, and the
+    text is the whole exchange.
 
     The same seed gives the same texts, and training's random state is left as it was."""
     was_training = model.training
@@ -33,7 +36,8 @@ def samples(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, sampling
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(sampling.seed)
         for prompt in sampling.prompts:
-            inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False).to(device)
+            text = chat.prompt_text(tokenizer, prompt) if chat_format else prompt
+            inputs = tokenizer(text, return_tensors="pt", return_token_type_ids=False).to(device)
             prompt_length = inputs["input_ids"].shape[1]
             if prompt_length >= context:
                 raise ValueError(f"prompt {prompt[:40]!r}... is {prompt_length} tokens; the model "
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, type=Path, help="a final_model directory, or a checkpoint .pt")
     parser.add_argument("--tokenizer", type=Path, help="the tokenizer directory, for a checkpoint .pt")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for several")
+    parser.add_argument("--chat", action="store_true", help="each prompt is a user's turn in the "
+                        "model's chat template (a model fine-tuned on conversations)")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts=tuple(args.prompt), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         num_return_sequences=args.num_return_sequences, seed=args.seed)
-    for text in samples(model, tokenizer, sampling):
+    for text in samples(model, tokenizer, sampling, chat_format=args.chat):
         print(text, end="\n\n")
 
 

@@ -24,11 +24,21 @@ IGNORE_INDEX = -100  # a target that carries no loss (transformers' and torch's 
 
 
 def to_batch(blocks: np.ndarray, device: Device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T+1) token blocks -> inputs and targets, each (B, T) int64 on the device."""
+    """(B, T+1) token blocks, or (B, 2, T+1) tokens and labels (data.Blocks of conversations)
+    -> inputs and targets, each (B, T) int64 on the device."""
     tokens = torch.from_numpy(blocks.astype(np.int64))
     if device.is_cuda:
         tokens = tokens.pin_memory().to(device.device, non_blocking=True)
+    if tokens.dim() == 3:
+        return tokens[:, 0, :-1], tokens[:, 1, 1:]
     return tokens[:, :-1], tokens[:, 1:]
+
+
+def counted_targets(blocks: np.ndarray) -> int:
+    """How many of the blocks' targets carry loss (all, unless labels mark some IGNORE_INDEX)."""
+    if blocks.ndim == 3:
+        return int(np.count_nonzero(blocks[:, 1, 1:] != IGNORE_INDEX))
+    return blocks.shape[0] * (blocks.shape[1] - 1)
 
 
 def loss_of(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: Device,

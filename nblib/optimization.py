@@ -12,7 +12,7 @@ import torch
 from . import collectives, oom
 from .config import RunConfig
 from .hardware import Device
-from .loss import chunkable_head, loss_of, to_batch
+from .loss import chunkable_head, counted_targets, loss_of, to_batch
 from .state import TrainState
 
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak, as nanoGPT does
@@ -84,15 +84,18 @@ def compiled_forward(model: torch.nn.Module, device: Device) -> torch.nn.Module:
 
 def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device) -> torch.Tensor:
     """Forward and backward over `blocks` in `state.gradient_accumulation_steps` micro-batches;
-    returns the mean loss as a device tensor (no host sync per micro-step). Under DDP every
-    micro-step runs in `no_sync`: no rank waits on another here, so an OOM can be agreed on."""
+    returns the mean loss per target token as a device tensor (no host sync per micro-step). Each
+    micro-batch weighs by its targets that carry loss (conversations' answers differ in length).
+    Under DDP every micro-step runs in `no_sync`: no rank waits on another here, so an OOM can be
+    agreed on."""
     state.model.train()
     forward = state.model if state.forward_module is None else state.forward_module  # same parameters
     loss_sum = torch.zeros((), device=device.device)
+    targets_in_step = max(counted_targets(blocks), 1)
     with state.ddp.no_sync() if state.ddp else contextlib.nullcontext():
         for micro in np.array_split(blocks, state.gradient_accumulation_steps):
             inputs, targets = to_batch(micro, device)
-            loss = loss_of(forward, inputs, targets, device) * (len(micro) / len(blocks))
+            loss = loss_of(forward, inputs, targets, device, reduction="sum") / targets_in_step
             _backward(state, loss)
             loss_sum += loss.detach()
     return loss_sum

@@ -23,7 +23,8 @@ DEFAULTS: dict[str, Any] = {
     "preset": "kaggle-t4", "output_dir": None,
     # data
     "dataset": None, "dataset_config": None, "text_column": "text", "tokenizer": None, "stride": None,
-    "drop_remainder": True, "token_key": "",
+    "drop_remainder": True, "token_key": "", "data_format": "auto", "train_on": "responses",
+    "instruction_column": "instruction", "response_column": "response",
     # fine-tuning
     "init_from": SCRATCH, "lora_r": 0, "lora_alpha": 16.0, "lora_dropout": 0.05,
     "lora_target_modules": "c_attn", "lora_export": "merged", "export_dtype": "float32",

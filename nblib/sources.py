@@ -16,13 +16,15 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from . import chat
 from .config import BUILTIN_DATASETS, DataConfig
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation",
-                 "val": "validation", "dev": "validation", "test": "test"}
+                 "val": "validation", "dev": "validation", "test": "test",
+                 "train_sft": "train", "test_sft": "test"}  # chat datasets' names (UltraChat's)
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 HELD_OUT_SHARE = 0.05  # validation and test each, when the source has no such split
 # A WikiText article title (" = Title = "), not a section (" = = Section = = ").
@@ -30,13 +32,18 @@ WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \n?$")
 
 
 def load(cfg: DataConfig, seed: int) -> datasets.DatasetDict:
-    """Load `cfg.dataset` as train/validation/test with a `text` and a `doc_start` column.
+    """Load `cfg.dataset` as train/validation/test with a `text` (or, for conversations, a
+    `messages`) column and a `doc_start` column.
 
     `doc_start` marks rows that begin a document (a WikiText article, a paragraph of a text
     file, or every row of a record-per-document source); the tokenizer's end-of-text token
     goes there. Splits the source lacks are carved from train, seeded, by whole document.
     """
     raw = _load_raw(cfg)
+    if "messages" in raw["train"].column_names:  # conversations: every row is a document
+        log.info("dataset %s: conversations, splits %s", cfg.dataset, list(raw))
+        return _complete_splits(datasets.DatasetDict({
+            name: split.add_column("doc_start", [True] * len(split)) for name, split in raw.items()}), seed)
     layout = detect_layout(raw["train"][:2000]["text"], line_based=_is_text_files(cfg.dataset))
     log.info("dataset %s: %s layout, splits %s", cfg.dataset, layout, list(raw))
     marked = datasets.DatasetDict({
@@ -71,21 +78,25 @@ def check_files(cfg: DataConfig) -> None:
 
 def check_records(cfg: DataConfig, lines: int = 1000) -> None:
     """The first `lines` records of each JSON-lines file of text hold a string (or nothing) under
-    the text column; the loaded column's type is checked too.
+    the text column; the loaded column's type is checked too. Conversations are checked as they
+    are tokenized (chat.checked).
 
     Raises:
         ValueError: naming the file and line.
     """
     for path in _local_files(cfg):
-        if path.suffix != ".jsonl":
+        if path.suffix != ".jsonl" or cfg.data_format == "chat":
             continue
         with open(path, encoding="utf-8") as f:
             for number, line in zip(range(1, lines + 1), f):
                 try:
-                    value = json.loads(line).get(cfg.text_column, "") if line.strip() else ""
+                    record = json.loads(line) if line.strip() else {}
+                    value = record.get(cfg.text_column, "")
                 except (ValueError, AttributeError):
                     raise ValueError(f"dataset={cfg.dataset!r}: {path}:{number} is not a JSON object on "
                                      "one line (JSON lines: one object per line)") from None
+                if is_chat(list(record), cfg):
+                    break
                 if value is None:
                     raise ValueError(f"dataset={cfg.dataset!r}: {path}:{number} has null for "
                                      f"{cfg.text_column!r}; give the record text or remove it")
@@ -247,6 +258,9 @@ def _normalise(dsd: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDi
         canonical = SPLIT_ALIASES.get(name)
         if canonical is None:
             continue
+        if is_chat(split.column_names, cfg):
+            out[canonical] = _conversations(split, cfg)
+            continue
         if cfg.text_column not in split.column_names:
             raise ValueError(f"text_column={cfg.text_column!r}: not a column of dataset="
                              f"{cfg.dataset!r} (its columns: {split.column_names})")
@@ -260,6 +274,30 @@ def _normalise(dsd: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDi
     if "train" not in out:
         raise ValueError(f"dataset={cfg.dataset!r} has no train split (its splits: {list(dsd)})")
     return datasets.DatasetDict(out)
+
+
+def is_chat(columns: list[str], cfg: DataConfig) -> bool:
+    """data_format="chat", or "auto" with a `messages` column, or with the instruction and response
+    columns and no text column."""
+    if cfg.data_format != "auto":
+        return cfg.data_format == "chat"
+    pair = {cfg.instruction_column, cfg.response_column} <= set(columns)
+    return "messages" in columns or (pair and cfg.text_column not in columns)
+
+
+def _conversations(split: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
+    """The split as one `messages` column: as it is, or made from instruction/response columns."""
+    columns = split.column_names
+    if "messages" in columns:
+        return split.select_columns(["messages"])
+    if {cfg.instruction_column, cfg.response_column} <= set(columns):
+        return split.map(lambda batch: {"messages": chat.from_columns(
+            batch[cfg.instruction_column], batch[cfg.response_column])},
+            batched=True, remove_columns=columns, desc="conversations from columns")
+    raise ValueError(f"data_format={cfg.data_format!r}: dataset={cfg.dataset!r} has no 'messages' column "
+                     f"and not both instruction_column={cfg.instruction_column!r} and response_column="
+                     f"{cfg.response_column!r} (its columns: {columns}); name them, or use "
+                     "data_format='text'")
 
 
 def _is_text(feature) -> bool:

@@ -152,7 +152,8 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
                                  save_seconds=checkpoint.projected_bytes(model) / SAVE_BYTES_PER_SECOND)
     interrupt = stopping.InterruptFlag(escalate=not collectives.in_worker())
     reporter = report.open_reporter(cfg.report_to, run_dir, config) if device.is_main else report.Reporter()
-    ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, reporter, time.perf_counter(), steps)
+    ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, corpus.is_chat, reporter,
+               time.perf_counter(), steps)
     window, reason = progress.Window(), StopReason.COMPLETED
     if state.step < steps:
         budget.refuse_if_spent()
@@ -205,6 +206,7 @@ class _Run:
     device: Device
     val_blocks: np.ndarray  # the fixed validation subset
     tokenizer: object  # for the samples at each evaluation
+    chat_format: bool  # the prompts go through the chat template
     reporter: report.Reporter
     started: float
     total_steps: int
@@ -262,7 +264,8 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: progress.Window) 
         "skipped_steps": state.skipped_steps,
         **peak_memory(ctx.device),
         "events": state.events[recorded:],  # OOM back-offs since the previous record
-        "samples": generate.samples(state.model, ctx.tokenizer, cfg.sampling) if ctx.device.is_main else [],
+        "samples": generate.samples(state.model, ctx.tokenizer, cfg.sampling, ctx.chat_format)
+        if ctx.device.is_main else [],
     })
     record = state.history[-1]
     log.info("step %d/%d: train loss %.4f, val loss %.4f (perplexity %.1f), lr %.2e, grad norm %.2f, "
