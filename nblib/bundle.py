@@ -22,10 +22,9 @@ def write(cache_dir: Path, cfg: RunConfig, out: Path, dataset_id: str) -> Path:
     and a manifest of every file's size and sha256 (and of anything missing)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in EXPECTED:
-        if (cache_dir / name).is_file():
-            (out / name).parent.mkdir(exist_ok=True)
-            shutil.copy2(cache_dir / name, out / name)
+    for path in sorted(p for p in Path(cache_dir).rglob("*") if p.is_file()):  # conversations' masks too
+        (out / path.relative_to(cache_dir)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, out / path.relative_to(cache_dir))
     files.write_json(out / "run_config.json", cfg.to_dict())
     files.write_json(out / "dataset-metadata.json", {
         "title": f"GPT-2 tokens {cache_dir.name}"[:50], "id": dataset_id,
