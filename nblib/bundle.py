@@ -18,11 +18,11 @@ def is_bundle(spec: str) -> bool:
 
 
 def write(cache_dir: Path, cfg: RunConfig, out: Path, dataset_id: str) -> Path:
-    """Copy a prepared cache into `out` with the resolved config, Kaggle's dataset-metadata.json
+    """Copy a prepared cache (tokens, conversations' loss masks, tokenizer) into `out` with the resolved config, Kaggle's dataset-metadata.json
     and a manifest of every file's size and sha256 (and of anything missing)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in sorted(p for p in Path(cache_dir).rglob("*") if p.is_file()):  # conversations' masks too
+    for path in sorted(p for p in Path(cache_dir).rglob("*") if p.is_file() and p.name != files.COMPLETE_MARKER):
         (out / path.relative_to(cache_dir)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, out / path.relative_to(cache_dir))
     files.write_json(out / "run_config.json", cfg.to_dict())
