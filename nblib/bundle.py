@@ -18,8 +18,9 @@ def is_bundle(spec: str) -> bool:
 
 
 def write(cache_dir: Path, cfg: RunConfig, out: Path, dataset_id: str) -> Path:
-    """Copy a prepared cache (tokens, conversations' loss masks, tokenizer) into `out` with the resolved config, Kaggle's dataset-metadata.json
-    and a manifest of every file's size and sha256 (and of anything missing)."""
+    """Copy a prepared cache (tokens, conversations' loss masks, tokenizer) into `out` with the
+    resolved config, Kaggle's dataset-metadata.json and a manifest of every file's size and
+    sha256 (and of anything missing)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(p for p in Path(cache_dir).rglob("*") if p.is_file() and p.name != files.COMPLETE_MARKER):
