@@ -115,6 +115,7 @@ class RunConfig:
     report_to: str = "none"  # "none", "tensorboard" or "wandb"
     lora_export: str = "merged"  # final_model of a LoRA run: "merged" weights or the "adapter" alone
     export_dtype: str = "float32"  # final_model's weights: float32, float16 or bfloat16
+    export_gguf: bool = False  # also write final_model.gguf, for llama.cpp (needs the gguf package)
     eval_hellaswag: str = ""  # after training: "" none, "hub" (Rowan/hellaswag) or a HellaSwag JSONL file
     hellaswag_items: int = 0  # HellaSwag items scored: 0 all, else the first this many
     sample_from: str = ""  # the generate cell's model: "" the one just trained, a directory or a .pt
@@ -137,7 +138,7 @@ class RunConfig:
             lines.append(f"{name}: {items}")
         lines.append(f"resume_from_checkpoint={self.resume_from_checkpoint!r}, devices={self.devices!r}, "
                      f"report_to={self.report_to!r}, lora_export={self.lora_export!r}, "
-                     f"export_dtype={self.export_dtype!r}, "
+                     f"export_dtype={self.export_dtype!r}, export_gguf={self.export_gguf}, "
                      f"sample_from={self.sample_from!r}, eval_hellaswag={self.eval_hellaswag!r}, "
                      f"hellaswag_items={self.hellaswag_items}, dry_run={self.dry_run}")
         return "\n".join(lines)
@@ -241,6 +242,9 @@ def _validate_lora(cfg: RunConfig) -> list[str]:
         problems.append(f"lora_r={m.lora_r!r}: must be >= 0 (0: no LoRA)")
     if m.lora_r <= 0:
         return problems
+    if cfg.export_gguf and cfg.lora_export == "adapter":
+        problems.append("export_gguf=True: GGUF holds a whole model, and lora_export='adapter' exports the "
+                        "adapter alone; use lora_export='merged' or export_gguf=False")
     if m.init_from == SCRATCH:
         problems.append(f"lora_r={m.lora_r}: LoRA adapts a pretrained model; set init_from to a "
                         "Hub id or a local model directory, or lora_r=0")

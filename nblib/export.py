@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from . import checkpoint, files, generate, lora
+from . import checkpoint, files, generate, gguf_export, lora
 from . import model as model_weights
 from .config import SamplingConfig
 from .model import weights_are_finite
@@ -17,6 +17,7 @@ from .model import weights_are_finite
 log = logging.getLogger(__name__)
 
 FINAL_MODEL = "final_model"
+FINAL_GGUF = "final_model.gguf"
 
 
 def load_best_weights(model: PreTrainedModel, run_dir: Path) -> bool:
@@ -30,7 +31,7 @@ def load_best_weights(model: PreTrainedModel, run_dir: Path) -> bool:
 
 def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_dir: Path,
                 sampling: SamplingConfig | None = None, lora_export: str = "merged",
-                export_dtype: str = "float32") -> Path:
+                export_dtype: str = "float32", export_gguf: bool = False) -> Path:
     """Write model (safetensors), config, generation config and tokenizer to `run_dir/final_model`.
 
     The generation config carries `sampling`'s settings, so `pipeline("text-generation")` samples
@@ -38,7 +39,8 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
     adapter alone (`lora_export="adapter"`, loaded with peft's AutoPeftModelForCausalLM). The
     weights are saved in `export_dtype` ("float32", "float16" or "bfloat16"; an adapter stays as
     trained), `model` itself untouched. The directory is swapped in whole, so a kill mid-export
-    keeps the previous export.
+    keeps the previous export. With `export_gguf`, `final_model.gguf` is written beside it, in
+    the same dtype, for llama.cpp.
 
     Raises:
         ValueError: the weights hold NaN or infinity (nothing is written).
@@ -61,6 +63,8 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
 
     path = files.atomic_directory(Path(run_dir) / FINAL_MODEL, fill)
     log.info("exported %s%s", path, " (LoRA adapter only)" if exported is model and lora.is_lora(model) else "")
+    if export_gguf:
+        gguf_export.write(path, Path(run_dir) / FINAL_GGUF, export_dtype)
     return path
 
 
