@@ -31,23 +31,32 @@ SENTENCE = re.compile(r"^(.+?\.)(\s|$)", re.S)
 
 
 def conversations(limit: int) -> list[dict]:
-    """Questions on public stdlib functions, answered by their docstring's first sentence."""
+    """Questions on public stdlib functions and methods, answered by their docstring's first sentence."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     rows = []
-    for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/__init__.py")):
-        module = path.stem if path.name != "__init__.py" else path.parent.name
+    for path in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/*.py")):
+        if "test" in path.parts[-2:] or path.name.startswith("_") and path.name != "__init__.py":
+            continue
+        module = ".".join(path.relative_to(stdlib).with_suffix("").parts).removesuffix(".__init__")
         try:
             tree = ast.parse(path.read_bytes())
         except (SyntaxError, ValueError):
             continue
-        for node in tree.body:
-            doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
-            first = SENTENCE.match(" ".join((doc or "").split()))
-            if node.__class__ is ast.FunctionDef and not node.name.startswith("_") and first:
-                rows.append({"messages": [
-                    {"role": "user", "content": f"What does `{module}.{node.name}` do?"},
-                    {"role": "assistant", "content": first.group(1)}]})
+        for name, node in _functions(tree.body, module):
+            first = SENTENCE.match(" ".join((ast.get_docstring(node) or "").split()))
+            if first:
+                rows.append({"messages": [{"role": "user", "content": f"What does `{name}` do?"},
+                                          {"role": "assistant", "content": first.group(1)}]})
     return rows[:limit]
+
+
+def _functions(body: list, prefix: str):
+    """(qualified name, node) of the public functions, and of the public classes' methods."""
+    for node in body:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            yield f"{prefix}.{node.name}", node
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            yield from _functions(node.body, f"{prefix}.{node.name}")
 
 
 def main() -> None:
@@ -55,13 +64,14 @@ def main() -> None:
     parser.add_argument("--base", type=Path, required=True, help="a final_model directory to fine-tune")
     parser.add_argument("--work", type=Path, default=Path("runs/chat-bench"))
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--conversations", type=int, default=6000)
+    parser.add_argument("--conversations", type=int, default=20000)
     args = parser.parse_args()
+    args.work = args.work.resolve()  # the notebook runs in notebooks/
     args.work.mkdir(parents=True, exist_ok=True)
     dataset = args.work / "stdlib_qa.jsonl"
     rows = conversations(args.conversations)
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    values = dict(preset="cpu-demo", output_dir=str(args.work / "run"), init_from=str(args.base),
+    values = dict(preset="cpu-demo", output_dir=str(args.work / "run"), init_from=str(args.base.resolve()),
                   dataset=str(dataset), train_on="responses", max_length=128, max_steps=args.steps,
                   warmup_steps=20, learning_rate=5e-4, eval_steps=max(1, args.steps // 3),
                   save_steps=args.steps, resume_from_checkpoint="", prompts=[], eval_blocks=400)

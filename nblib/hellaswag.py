@@ -110,18 +110,23 @@ def _read_jsonl(path: Path) -> Iterable[dict]:
                 yield json.loads(line)
 
 
-@torch.no_grad()
 def score(model: torch.nn.Module, tokenizer, items: list[Item], device: Device, source: str = "") -> Score:
     """Accuracy of `model` on `items`: one forward pass of the four endings per item."""
-    model.eval()
-    context_size = model.config.n_positions
-    mean_right = sum_right = 0
-    for item in tqdm(items, desc="HellaSwag", unit="item", mininterval=2.0, dynamic_ncols=True):
-        mean_losses, sum_losses = _ending_losses(model, tokenizer, item, context_size, device)
-        mean_right += int(mean_losses.argmin()) == item.label
-        sum_right += int(sum_losses.argmin()) == item.label
+    chosen = picks(model, tokenizer, items, device)
     n = max(len(items), 1)
-    return Score(mean_right / n, sum_right / n, len(items), source)
+    return Score(sum(mean == item.label for (mean, _), item in zip(chosen, items)) / n,
+                 sum(summed == item.label for (_, summed), item in zip(chosen, items)) / n, len(items), source)
+
+
+@torch.no_grad()
+def picks(model: torch.nn.Module, tokenizer, items: list[Item], device: Device) -> list[tuple[int, int]]:
+    """Each item's chosen ending: (lowest mean loss, highest summed log-likelihood)."""
+    model.eval()
+    chosen = []
+    for item in tqdm(items, desc="HellaSwag", unit="item", mininterval=2.0, dynamic_ncols=True):
+        mean_losses, sum_losses = _ending_losses(model, tokenizer, item, model.config.n_positions, device)
+        chosen.append((int(mean_losses.argmin()), int(sum_losses.argmin())))
+    return chosen
 
 
 def _ending_losses(model, tokenizer, item: Item, context_size: int,
