@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from . import bundle, chat, files, paths, pretokenized, sources, tokenizer as tokenizers
+from . import bundle, chat, files, localfiles, paths, pretokenized, sources, tokenizer as tokenizers
 from .config import BPE_SPEC, DataConfig, RunConfig
 from .loss import IGNORE_INDEX
 from .sources import is_local_dataset
@@ -132,9 +132,9 @@ def _cached_or_built(cfg: RunConfig) -> Path:
     if found:
         log.info("reusing tokenized data in %s", found[0])
         return found[0]
-    sources.check_files(cfg.data)  # an empty or non-UTF-8 file is named before any heavy work
+    localfiles.check_files(cfg.data)  # an empty or non-UTF-8 file is named before any heavy work
     if not _pretokenized_files(cfg):
-        sources.check_records(cfg.data)
+        localfiles.check_records(cfg.data)
     return files.atomic_directory(own, lambda tmp: build_cache(cfg, tmp))
 
 

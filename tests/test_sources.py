@@ -3,7 +3,7 @@ import json
 import datasets
 import pytest
 
-from nblib import config, sources
+from nblib import config, localfiles, sources
 from conftest import wikitext_lines
 
 
@@ -91,16 +91,16 @@ def test_files_are_checked_before_loading_a_cut_character_and_a_blank_file(tmp_p
     cut = tmp_path / "cut.txt"
     cut.write_bytes(("é" * 600_000).encode()[:-1])  # the last character cut in half, past a 1 MB chunk
     with pytest.raises(ValueError, match=r"cut.txt is not UTF-8 text: the byte 0xc3 at offset 1,199,998"):
-        sources.check_files(data_config(cut))
+        localfiles.check_files(data_config(cut))
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n")
     with pytest.raises(ValueError, match=r"blank.jsonl is empty \(1 bytes, no text\)"):
-        sources.check_files(data_config(blank))
+        localfiles.check_files(data_config(blank))
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"text": "fine"}) + "\n{\"text\": \"cut\n")
-    sources.check_files(data_config(broken))  # valid UTF-8 ...
+    localfiles.check_files(data_config(broken))  # valid UTF-8 ...
     with pytest.raises(ValueError, match=r"broken.jsonl:2 is not a JSON object on one line"):
-        sources.check_records(data_config(broken))  # ... but not JSON lines
+        localfiles.check_records(data_config(broken))  # ... but not JSON lines
 
 
 def test_a_configuration_the_hub_dataset_lacks_is_named_with_the_fix(tmp_path, monkeypatch):
