@@ -116,6 +116,7 @@ class RunConfig:
     lora_export: str = "merged"  # final_model of a LoRA run: "merged" weights or the "adapter" alone
     export_dtype: str = "float32"  # final_model's weights: float32, float16 or bfloat16
     export_gguf: bool = False  # also write final_model.gguf, for llama.cpp (needs the gguf package)
+    upload_to: str = ""  # a Kaggle Models handle owner/model/framework/variation: final_model/ is uploaded
     eval_hellaswag: str = ""  # after training: "" none, "hub" (Rowan/hellaswag) or a HellaSwag JSONL file
     hellaswag_items: int = 0  # HellaSwag items scored: 0 all, else the first this many
     sample_from: str = ""  # the generate cell's model: "" the one just trained, a directory or a .pt
@@ -138,7 +139,7 @@ class RunConfig:
             lines.append(f"{name}: {items}")
         lines.append(f"resume_from_checkpoint={self.resume_from_checkpoint!r}, devices={self.devices!r}, "
                      f"report_to={self.report_to!r}, lora_export={self.lora_export!r}, "
-                     f"export_dtype={self.export_dtype!r}, export_gguf={self.export_gguf}, "
+                     f"export_dtype={self.export_dtype!r}, export_gguf={self.export_gguf}, upload_to={self.upload_to!r}, "
                      f"sample_from={self.sample_from!r}, eval_hellaswag={self.eval_hellaswag!r}, "
                      f"hellaswag_items={self.hellaswag_items}, dry_run={self.dry_run}")
         return "\n".join(lines)

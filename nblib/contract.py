@@ -55,7 +55,7 @@ RULES: dict[str, tuple[str, str]] = {
         "num_return_sequences", "generation_seed")},
     **{name: (FREE, "where and how this session runs") for name in (
         "preset", "output_dir", "resume_from_checkpoint", "dry_run", "sample_from", "lora_export",
-        "export_dtype", "export_gguf", "eval_hellaswag", "hellaswag_items")},
+        "export_dtype", "export_gguf", "upload_to", "eval_hellaswag", "hellaswag_items")},
 }
 assert set(RULES) == set(PARAMETERS), set(RULES) ^ set(PARAMETERS)
 

@@ -1,12 +1,14 @@
 """Validation: the mean loss per token over fixed blocks, whatever the eval batch, and perplexity."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import oom
+from . import files, oom
 from .hardware import Device
 from .loss import counted_targets, loss_of, to_batch
 
@@ -36,3 +38,21 @@ def evaluate(model: torch.nn.Module, blocks: np.ndarray, device: Device, batch_s
         return (total / counted).item()
 
     return oom.evaluate_with_backoff(mean_loss, batch_size)
+
+
+def evaluate_test(model: torch.nn.Module, corpus, device: Device, cfg) -> float:
+    """The notebook's Evaluate cell: the loss on the test split, added to the run's history."""
+    loss = evaluate(model, corpus.blocks("test"), device, cfg.train.batch_size)
+    if device.is_main:
+        add_to_history(cfg.output_dir, test_loss=loss, test_perplexity=perplexity(loss))
+    return loss
+
+
+def add_to_history(run_dir, **values) -> None:
+    """Results measured after training (test loss, HellaSwag), into the history's last record,
+    which the summary and the model card read."""
+    history_file = Path(run_dir) / "training_history.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    if history:
+        history[-1].update(values)
+        files.write_json(history_file, history)

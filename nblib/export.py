@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from . import checkpoint, files, generate, gguf_export, lora
+from . import checkpoint, files, generate, gguf_export, lora, publish
 from . import model as model_weights
-from .config import SamplingConfig
+from .config import RunConfig, SamplingConfig
 from .model import weights_are_finite
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,14 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
     log.info("exported %s%s", path, " (LoRA adapter only)" if exported is model and lora.is_lora(model) else "")
     if export_gguf:
         gguf_export.write(path, Path(run_dir) / FINAL_GGUF, export_dtype)
+    return path
+
+
+def final_model_of_run(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: RunConfig) -> Path:
+    """The notebook's export: `final_model` with the run's settings, then its model card."""
+    path = final_model(model, tokenizer, cfg.output_dir, cfg.sampling, cfg.lora_export, cfg.export_dtype,
+                       cfg.export_gguf)
+    publish.write_card(path, cfg, cfg.output_dir)
     return path
 
 

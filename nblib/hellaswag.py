@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import files
 from .config import RunConfig
+from .evaluation import add_to_history
 from .hardware import Device
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,9 @@ def evaluate_run(model: torch.nn.Module, tokenizer, device: Device, cfg: RunConf
     to the last record of the run's training_history.json (which the summary shows)."""
     result = score(model, tokenizer, load_items(cfg.eval_hellaswag, cfg.hellaswag_items), device,
                    cfg.eval_hellaswag)
-    history_file = cfg.output_dir / "training_history.json"
-    if device.is_main and history_file.is_file():
-        history = json.loads(history_file.read_text())
-        if history:
-            history[-1].update(hellaswag_accuracy=result.accuracy, hellaswag_sum_accuracy=result.sum_accuracy,
-                               hellaswag_items=result.items, hellaswag_source=result.source)
-            files.write_json(history_file, history)
+    if device.is_main:
+        add_to_history(cfg.output_dir, hellaswag_accuracy=result.accuracy, hellaswag_sum_accuracy=result.sum_accuracy,
+                       hellaswag_items=result.items, hellaswag_source=result.source)
     return result
 
 

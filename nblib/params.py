@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     # fine-tuning
     "init_from": SCRATCH, "lora_r": 0, "lora_alpha": 16.0, "lora_dropout": 0.05,
     "lora_target_modules": "c_attn", "lora_export": "merged", "export_dtype": "float32",
-    "export_gguf": False,
+    "export_gguf": False, "upload_to": "",
     # model
     "vocab_size": None, "n_positions": None, "n_embd": None, "n_layer": None, "n_head": None,
     "n_inner": None, "dropout": None,
@@ -98,12 +98,13 @@ def probe(cfg: RunConfig) -> list[str]:
     packages; the Hub only through `init_from`): each domain module checks its own. Imported
     here, so that a misspelt or invalid parameter is answered before torch, transformers and
     datasets load."""
-    from . import gguf_export, hellaswag, lora, sources, tokenizer
+    from . import gguf_export, hellaswag, lora, publish, sources, tokenizer
 
     d, m = cfg.data, cfg.model
     problems = tokenizer.spec_problems(d.tokenizer, m.vocab_size, own_of_init_from=d.tokenizer == m.init_from)
     problems += sources.spec_problems(d.dataset) + lora.availability_problems(m.lora_r)
     problems += hellaswag.spec_problems(cfg.eval_hellaswag) + gguf_export.availability_problems(cfg.export_gguf)
+    problems += publish.handle_problems(cfg.upload_to)
     if cfg.sample_from and not Path(cfg.sample_from).exists():
         problems.append(f"sample_from={cfg.sample_from!r}: no such directory or checkpoint "
                         "(empty: the model just trained)")
@@ -210,7 +211,7 @@ def _build(preset: str, v: dict[str, Any]) -> RunConfig:
         sampling=pick(config.SamplingConfig, prompts=prompts, seed=v["generation_seed"]),
         resume_from_checkpoint=str(v["resume_from_checkpoint"]), dry_run=v["dry_run"],
         devices=v["devices"], report_to=v["report_to"], lora_export=v["lora_export"], export_dtype=v["export_dtype"],
-        export_gguf=v["export_gguf"],
+        export_gguf=v["export_gguf"], upload_to=str(v["upload_to"]),
         sample_from=str(v["sample_from"]), eval_hellaswag=str(v["eval_hellaswag"]),
         hellaswag_items=v["hellaswag_items"],
     )
