@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nblib import collectives, config, data, hardware, launch, model, params, state, train  # noqa: E402
-from throughput import flops_per_token  # noqa: E402
+from nblib.mfu import flops_per_token, matmul_peak  # noqa: E402
 
 GPU_SHAPE = dict(preset="kaggle-t4", dataset="builtin:python-docs", dataset_config="", tokenizer="bpe:8192",
                  vocab_size=50257, eval_blocks=64, time_budget_minutes=0, resume_from_checkpoint="",
@@ -42,17 +42,6 @@ def emit(check: str, **facts) -> dict:
     line = {"check": check, **facts}
     print(json.dumps(line), flush=True)
     return line
-
-
-def matmul_peak(dtype: torch.dtype, device: str, n: int = 4096, repeats: int = 20) -> float:
-    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-    a @ b
-    torch.cuda.synchronize() if device == "cuda" else None
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize() if device == "cuda" else None
-    return 2 * n**3 * repeats / (time.perf_counter() - started)
 
 
 class Runs:

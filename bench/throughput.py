@@ -27,6 +27,7 @@ from transformers import GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nblib import config, data, hardware, model, optimization, state, tokenizer, train  # noqa: E402
+from nblib.mfu import flops_per_token, matmul_peak  # noqa: E402
 from nblib.params import resolve  # noqa: E402
 
 SIZES = {  # the smoke preset's model, cpu-demo's at issue 15's bar, and the guide's at T=128/256/512
@@ -36,23 +37,6 @@ SIZES = {  # the smoke preset's model, cpu-demo's at issue 15's bar, and the gui
     "guide-256": dict(preset="kaggle-t4", max_length=256, batch_size=8, gradient_accumulation_steps=1),
     "guide-512": dict(preset="kaggle-t4", max_length=512, batch_size=8, gradient_accumulation_steps=1),
 }
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Measured FLOP/s of an n x n matmul in `dtype` on this CPU."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - started)
-
-
-def flops_per_token(cfg: config.RunConfig, vocab: int) -> float:
-    """6 x the matmul parameters (blocks and the tied lm_head) + attention's 12 x L x T x d."""
-    m = cfg.model
-    per_block = 4 * m.n_embd**2 + 2 * m.n_embd * m.n_inner
-    return 6 * (m.n_layer * per_block + vocab * m.n_embd) + 12 * m.n_layer * cfg.train.max_length * m.n_embd
 
 
 def make_corpus(cfg: config.RunConfig, vocab: int, blocks: int) -> data.Corpus:

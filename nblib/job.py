@@ -1,6 +1,7 @@
 """The notebook's path in one call, for scripts and worker processes:
 
     python -m nblib.job [params.yaml] [--set name=value ...] [--show-config]
+    torchrun --nproc_per_node=N [--nnodes=M --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT] -m nblib.job params.yaml
 
 The file is what papermill's `-f` takes (YAML; JSON is YAML too); each `--set` overrides one
 parameter, its value read as YAML (`--set max_steps=200`, `--set prompts='[a, b]'`; `--set
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +24,8 @@ def run(values: Mapping[str, Any]) -> train.RunResult:
     """Resolve `values` (notebook parameters by name), prepare the data, build the model and train it: the notebook's cells
     from setup to train, with no export."""
     cfg = params.resolve(values)
+    if launch.under_torchrun():  # torchrun started this process, and the others
+        return launch.torchrun_worker(cfg)
     device = hardware.detect(cfg.train.precision, cfg.devices)
     state.seed_everything(cfg.train.seed)
     taken = lock.hold(cfg.output_dir)
@@ -72,7 +76,9 @@ def main(argv: list[str] | None = None) -> None:
             return
     except (OSError, ValueError, yaml.YAMLError) as error:
         parser.exit(2, f"error: {error}\n")
-    print(run(values).describe(), flush=True)
+    result = run(values)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for the run
+        print(result.describe(), flush=True)
 
 
 if __name__ == "__main__":

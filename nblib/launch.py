@@ -5,7 +5,9 @@ inside the process group), shows rank 0's progress bar and log lines, forwards a
 the workers, and raises a worker's exception with its traceback if one fails (the others are
 terminated, so nothing hangs). Only rank 0 writes files; when the workers are done the parent
 loads the run's last checkpoint, so the notebook's `model` and `result` look as they do after a
-one-process run. The training loop itself never spawns.
+one-process run. Under torchrun (one or more machines) the processes exist already: each joins
+torchrun's process group and trains its share (`torchrun_worker`). The training loop itself never
+spawns.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from . import checkpoint, collectives, data, lock, progress, state, stopping, train
+from . import checkpoint, collectives, contract, data, hardware, lock, model as models, progress, state, stopping, train
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -154,3 +156,54 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+
+def under_torchrun() -> bool:
+    """True in a process that torchrun started (it sets these for every process it starts)."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def torchrun_worker(cfg: RunConfig) -> train.RunResult:
+    """This process's share of a run under torchrun: join its process group (NCCL on GPUs, gloo
+    on CPUs), prepare the data (in turn, see `_prepared_in_turn`), build the model and train. Global rank 0 alone holds `output_dir` and writes; for
+    several machines `output_dir` must be on a disk they share, as checkpoints are read by all."""
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = hardware.detect(cfg.train.precision, 1)
+    if device.is_cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    device = dataclasses.replace(device, world_size=world_size, rank=rank,
+                                 device=torch.device("cuda", local_rank) if device.is_cuda else device.device)
+    if rank:
+        logging.getLogger().setLevel(logging.ERROR)  # rank 0 speaks for the run
+    dist.init_process_group(collectives.backend(device), timeout=datetime.timedelta(minutes=30))
+    try:
+        if rank == 0:
+            lock.hold(cfg.output_dir)
+            logging.getLogger(__name__).info(contract.preview(cfg, world_size))
+        corpus = _prepared_in_turn(cfg, rank, local_rank)
+        state.seed_everything(cfg.train.seed)  # the same initial weights on every rank
+        model = models.build(cfg.model, corpus.tokenizer)
+        state.seed_everything(cfg.train.seed, rank)  # dropout masks of their own
+        result = train.run(cfg, device, model, corpus)
+        dist.barrier()  # rank 0's last checkpoint is written before any rank leaves
+        result.state.ddp = result.state.forward_module = None  # DDP's reducer goes before its group
+        return result
+    finally:
+        if rank == 0:
+            lock.release(cfg.output_dir)
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def _prepared_in_turn(cfg: RunConfig, rank: int, local_rank: int) -> Corpus:
+    """The data, tokenized once: by global rank 0 first, then by each machine's local rank 0 (a
+    cache hit on a shared disk), then by the rest from their machine's cache. No two processes
+    write one cache at a time."""
+    corpus = None
+    for turn in (rank == 0, local_rank == 0, True):
+        if turn and corpus is None:
+            corpus = data.prepare(cfg)
+        dist.barrier()
+    return corpus

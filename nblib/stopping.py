@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -93,5 +94,53 @@ class TimeBudget:
     def exhausted(self) -> bool:
         if not self.minutes:
             return False
-        left = self.minutes * 60 - (self.clock() - self.started_at)
-        return self.step_seconds + self.reserve_seconds() > left
+        return self.step_seconds + self.reserve_seconds() > self.seconds_left()
+
+    def seconds_left(self) -> float:
+        """Seconds of the budget left for training (its reserve kept back); inf with no budget."""
+        if not self.minutes:
+            return math.inf
+        return self.minutes * 60 - (self.clock() - self.started_at) - self.reserve_seconds()
+
+    def forecast(self, step: int, total_steps: int, eval_steps: int, save_steps: int) -> Forecast:
+        """Where the run will end, at the measured times of a step, an evaluation and a save."""
+        per_step = self.step_seconds + self.eval_seconds / eval_steps + self.save_seconds / save_steps
+        needed, left = (total_steps - step) * per_step, self.seconds_left()
+        last = total_steps if needed <= left else min(total_steps, step + int(max(left, 0) / per_step))
+        return Forecast(needed, left, last, total_steps, self.clock() + min(needed, max(left, 0)))
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """The session clock: the time the remaining steps need, the budget's time left, and the step
+    the run reaches in it."""
+
+    seconds_needed: float
+    seconds_left: float  # inf: no budget
+    last_step: int  # total_steps, or where the budget stops the run
+    total_steps: int
+    ends_at: float  # the clock's time when the run (or this session's part of it) ends
+
+    def describe(self) -> str:
+        ends = time.strftime("%H:%M", time.localtime(self.ends_at))
+        if math.isinf(self.seconds_left):
+            return f"about {duration(self.seconds_needed)} to go, ending near {ends} (no time budget)"
+        head = f"about {duration(self.seconds_needed)} needed, {duration(self.seconds_left)} left in the budget"
+        if self.last_step >= self.total_steps:
+            return f"{head}: the run ends near {ends}"
+        return (f"{head}: the run will stop near step {self.last_step:,} of {self.total_steps:,} at about "
+                f"{ends}; continue in the next session (resume_from_checkpoint='auto')")
+
+    def postfix(self) -> dict:
+        """The progress bar's fields: the budget's time left and the projected end."""
+        shown = {"end": time.strftime("%H:%M", time.localtime(self.ends_at))}
+        if not math.isinf(self.seconds_left):
+            shown["left"] = duration(max(self.seconds_left, 0))
+        return shown
+
+
+def duration(seconds: float) -> str:
+    """'14.2 h', '35 min' or '40 s'."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"

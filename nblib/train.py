@@ -1,19 +1,17 @@
 """The training loop: AdamW, warm-up + cosine, accumulation, clipping, evaluation and checkpoints."""
 from __future__ import annotations
 
-import enum
 import functools
 import logging
 import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import checkpoint, collectives, contract, files, generate, oom, progress, report, stopping
+from . import checkpoint, collectives, contract, files, generate, mfu, oom, progress, report, stopping
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device, peak_memory
@@ -21,77 +19,12 @@ from .state import TrainState, capture_rng, global_batch_of
 from .evaluation import evaluate, perplexity
 from .model import weights_are_finite
 from .optimization import StepOutcome, new_state, optimizer_step
+from .outcome import RunResult, StopReason  # noqa: F401 (the notebook reads nblib.train.StopReason)
 
 log = logging.getLogger(__name__)
 
 SAVE_BYTES_PER_SECOND = 50e6  # a cautious disk speed, until the first save is timed
-
-
-class StopReason(str, enum.Enum):
-    COMPLETED = "completed"
-    TIME_BUDGET = "time budget"
-    INTERRUPTED = "interrupted"
-    BAD_LOSS = "bad loss"
-    OUT_OF_MEMORY = "out of memory at micro-batch 1"
-
-
-@dataclass
-class RunResult:
-    state: TrainState
-    stop_reason: StopReason
-    run_dir: Path
-    elapsed_seconds: float
-    signal_name: str | None = None  # what interrupted the run, if anything
-    total_steps: int = 0  # the run's length, which the learning-rate schedule spans
-
-    @property
-    def saved(self) -> Path:
-        """The file holding the state training stopped in."""
-        if self.stop_reason in (StopReason.COMPLETED, StopReason.TIME_BUDGET):
-            return checkpoint.checkpoint_path(self.run_dir, self.state.epoch, self.state.step)
-        return self.run_dir / checkpoint.EMERGENCY
-
-    @property
-    def history(self) -> list[dict]:
-        return self.state.history
-
-    def describe(self) -> str:
-        """What happened, and what to do next."""
-        s = self.state
-        facts = (f"{s.step} steps, {s.tokens_seen:,} tokens in {self.elapsed_seconds:.0f} s, "
-                 f"{s.skipped_steps} skipped; best validation loss {s.best_val_loss:.4f} "
-                 f"(perplexity {perplexity(s.best_val_loss):.1f}){self._memory()}")
-        emergency = self.run_dir / checkpoint.EMERGENCY
-        resume = "resume with resume_from_checkpoint='auto'"
-        advice = {
-            StopReason.COMPLETED: "completed",
-            StopReason.TIME_BUDGET: f"stopped at the time budget; {resume}",
-            StopReason.INTERRUPTED: f"interrupted by {self.signal_name or 'a signal'}: saved {emergency}; {resume}",
-            StopReason.BAD_LOSS: (f"stopped after {s.bad_streak} steps in a row with a non-finite "
-                                  f"loss: saved {emergency} from the last good weights; lower "
-                                  f"learning_rate, then {resume}"),
-            StopReason.OUT_OF_MEMORY: (f"out of memory even with a micro-batch of 1: saved "
-                                       f"{emergency}; reduce max_length, n_embd or n_layer"),
-        }
-        return f"{advice[self.stop_reason]}: {facts}"
-
-    def _memory(self) -> str:
-        """The peak memory of the first and the last evaluation (this process's, rank 0's)."""
-        records = [r for r in self.history if "peak_rss_gb" in r]
-        if not records:
-            return ""
-        first, last = records[0], records[-1]
-        shown = (f"; peak memory {first['peak_rss_gb']:.2f} GB resident at step {first['step']}, "
-                 f"{last['peak_rss_gb']:.2f} GB at the end")
-        if "peak_gpu_memory_gb" in last:
-            shown += f" (GPU: {first['peak_gpu_memory_gb']:.2f} GB, then {last['peak_gpu_memory_gb']:.2f} GB)"
-        return shown
-
-    def raise_if_failed(self) -> None:
-        """Stop a notebook's Run All (and fail papermill) after a bad-loss streak or an OOM at
-        micro-batch 1; the emergency checkpoint is already saved."""
-        if self.stop_reason in (StopReason.BAD_LOSS, StopReason.OUT_OF_MEMORY):
-            raise RuntimeError(self.describe())
+CLOCK_AFTER_STEPS = 5  # the session clock's first forecast, from this many timed steps
 
 
 def total_steps(cfg: RunConfig, n_train_blocks: int, global_batch: int) -> int:
@@ -153,7 +86,9 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     interrupt = stopping.InterruptFlag(escalate=not collectives.in_worker())
     reporter = report.open_reporter(cfg.report_to, run_dir, config) if device.is_main else report.Reporter()
     ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, corpus.is_chat, reporter,
-               time.perf_counter(), steps)
+               time.perf_counter(), steps, budget, mfu.flops_per_token(cfg, model.config.vocab_size),
+               mfu.peak_flops(device)[0])
+    first_step = state.step
     window, reason = progress.Window(), StopReason.COMPLETED
     if state.step < steps:
         budget.refuse_if_spent()
@@ -176,7 +111,10 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
             state.epoch, state.position = epoch, position
             _count_step(state, outcome, len(indices) * t.max_length)
             window.count(outcome, len(indices) * t.max_length, time.perf_counter() - began)
-            bar.set_postfix(_progress(state, outcome, window, device), refresh=False)
+            forecast = budget.forecast(state.step, steps, t.eval_steps, t.save_steps)
+            bar.set_postfix({**_progress(state, outcome, window, device), **forecast.postfix()}, refresh=False)
+            if state.step == min(first_step + CLOCK_AFTER_STEPS, steps):  # the first steps are timed
+                log.info("session clock: %s", forecast.describe())
             bar.update()
             reporter.scalars({"train/loss": outcome.loss, "train/grad_norm": outcome.grad_norm,
                               "train/learning_rate": state.scheduler.get_last_lr()[0]}, state.step)
@@ -210,6 +148,9 @@ class _Run:
     reporter: report.Reporter
     started: float
     total_steps: int
+    budget: stopping.TimeBudget
+    flops_per_token: float
+    peak_flops: float  # of one device, in the run's precision (mfu.peak_flops)
 
 
 def _count_step(state: TrainState, outcome: StepOutcome, tokens: int) -> None:
@@ -257,6 +198,8 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: progress.Window) 
         "learning_rate": state.scheduler.get_last_lr()[0],
         "grad_norm": float(np.mean(window.grad_norms)) if window.grad_norms else math.nan,
         "tokens_per_second": window.tokens_per_second(),
+        "mfu": mfu.utilisation(window.tokens_per_second(), ctx.flops_per_token, ctx.peak_flops,
+                               ctx.device.world_size),
         "elapsed_seconds": time.perf_counter() - ctx.started,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "batch_size": state.batch_size,
@@ -268,10 +211,11 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: progress.Window) 
         if ctx.device.is_main else [],
     })
     record = state.history[-1]
+    forecast = ctx.budget.forecast(state.step, ctx.total_steps, cfg.train.eval_steps, cfg.train.save_steps)
     log.info("step %d/%d: train loss %.4f, val loss %.4f (perplexity %.1f), lr %.2e, grad norm %.2f, "
-             "%.0f tokens/s, %.0f s", state.step, ctx.total_steps, state.train_loss, state.val_loss,
-             record["val_perplexity"], record["learning_rate"], record["grad_norm"],
-             record["tokens_per_second"], record["elapsed_seconds"])
+             "%.0f tokens/s, MFU %.1f%%, %.0f s; %s", state.step, ctx.total_steps, state.train_loss,
+             state.val_loss, record["val_perplexity"], record["learning_rate"], record["grad_norm"],
+             record["tokens_per_second"], 100 * record["mfu"], record["elapsed_seconds"], forecast.describe())
     ctx.reporter.scalars(report.evaluation_scalars(record), state.step)
     if ctx.device.is_main:  # every rank holds the same history and weights; one writes them
         files.write_json(cfg.output_dir / "training_history.json", state.history)

@@ -1,0 +1,67 @@
+"""torchrun: `python -m nblib.job` under torchrun, two gloo processes on this CPU, as one machine and
+as two "nodes" meeting through a c10d rendezvous on 127.0.0.1; its checkpoints resume in the
+notebook, and the notebook's under torchrun."""
+import json
+import socket
+import subprocess
+import sys
+
+import torch
+import yaml
+
+from conftest import tiny_params
+from test_notebook import execute, outputs_text
+
+
+def torchrun(*arguments: str, cwd) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *arguments, "-m", "nblib.job", "p.yaml"],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finished(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def write_params(tmp_path, wikitext_file, tokenizer_dir, **overrides) -> dict:
+    values = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
+                         resume_from_checkpoint="auto", **overrides)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(values))
+    return values
+
+
+def saved_world_size(run, step: int) -> int:
+    return torch.load(next((run / "checkpoints").glob(f"*_step{step}.pt")), weights_only=False)["world_size"]
+
+
+def test_torchrun_trains_and_resumes_in_the_notebook_and_back(tmp_path, wikitext_file, tokenizer_dir):
+    run = tmp_path / "run"
+    write_params(tmp_path, wikitext_file, tokenizer_dir, max_steps=8)
+    output = finished(torchrun("--nproc_per_node=2", cwd=tmp_path))
+    assert output.count("completed: 8 steps") == 1  # rank 0 alone reports
+    assert saved_world_size(run, 8) == 2
+
+    values = write_params(tmp_path, wikitext_file, tokenizer_dir, max_steps=12)
+    text = outputs_text(execute(tmp_path, **values))
+    assert "continuing the run in" in text and "from step 8" in text
+    assert saved_world_size(run, 12) == 1
+
+    write_params(tmp_path, wikitext_file, tokenizer_dir, max_steps=16)
+    finished(torchrun("--nproc_per_node=2", cwd=tmp_path))
+    history = json.loads((run / "training_history.json").read_text())
+    assert [r["step"] for r in history] == [4, 8, 12, 16] and saved_world_size(run, 16) == 2
+    assert all(r["mfu"] > 0 for r in history)
+
+
+def test_two_nodes_meet_through_a_c10d_rendezvous(tmp_path, wikitext_file, tokenizer_dir):
+    write_params(tmp_path, wikitext_file, tokenizer_dir, max_steps=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node = ("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=nblib-test")
+    first, second = torchrun(*node, cwd=tmp_path), torchrun(*node, cwd=tmp_path)
+    outputs = finished(first) + finished(second)
+    assert outputs.count("completed: 8 steps") == 1
+    assert saved_world_size(tmp_path / "run", 8) == 2
