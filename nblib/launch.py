@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from . import checkpoint, collectives, contract, data, hardware, lock, model as models, progress, state, stopping, train
+from . import checkpoint, collectives, contract, data, hardware, lock, plots, progress, state, stopping, train
+from . import model as models
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -71,14 +72,14 @@ def _supervise(cfg, device: Device, weights: Path, cache_dir: Path) -> tuple[dic
     context = mp.start_processes(
         _worker, args=(device.world_size, _free_port(), cfg, device, weights, cache_dir, messages),
         nprocs=device.world_size, join=False, start_method="spawn")
-    interrupt, forwarded, outcome = stopping.InterruptFlag(), False, None
+    interrupt, forwarded, outcome, live = stopping.InterruptFlag(), False, None, plots.LiveCurves()
     with interrupt.installed(), progress.bar(total=None, initial=0) as bar:
         try:
             done = False
             while not done:
                 done = context.join(timeout=0.2)  # raises when a worker failed, killing the rest
                 while not messages.empty():
-                    outcome = _handle(messages.get(), bar) or outcome
+                    outcome = _handle(messages.get(), bar, live) or outcome
                 if interrupt and not forwarded:  # SIGTERM: a worker may get the SIGINT as well
                     for process in context.processes:
                         os.kill(process.pid, signal.SIGTERM)
@@ -92,7 +93,7 @@ def _supervise(cfg, device: Device, weights: Path, cache_dir: Path) -> tuple[dic
     return outcome, interrupt.signal_name
 
 
-def _handle(message: tuple, bar) -> dict | None:
+def _handle(message: tuple, bar, live: plots.LiveCurves) -> dict | None:
     kind, payload = message
     if kind == "log":
         logging.getLogger(payload.name).handle(payload)
@@ -104,6 +105,8 @@ def _handle(message: tuple, bar) -> dict | None:
         bar.total = payload["total"]
         bar.set_postfix(payload["postfix"], refresh=False)
         bar.update(payload["step"] - bar.n)
+    elif kind == "curves":
+        live.update(payload)
     elif kind == "result":
         return payload
     return None

@@ -1,5 +1,5 @@
-"""Progress bars: tqdm in the process that trains, or rank 0's drawn by the notebook's process;
-and the window of training steps whose losses and throughput the bar and the history show.
+"""Progress bars and live curves: in the process that trains, or rank 0's drawn by the notebook's
+process; and the window of training steps whose losses and throughput the bar and the history show.
 
 A worker process that shows its progress through its parent says so once (`send_to`), as it
 sends its log records there; the loop just asks for a `bar`.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 
 from tqdm.auto import tqdm
+
+from .plots import LiveCurves
 
 _parent = None  # the launcher's queue, in a worker whose bar the parent draws
 
@@ -26,6 +28,20 @@ def bar(total: int | None, initial: int, disable: bool = False):
         return ProgressToParent(_parent, total, initial)
     return tqdm(total=total, initial=initial, desc="training", unit="step", mininterval=2.0,
                 dynamic_ncols=True, disable=disable)
+
+
+class Curves:
+    """The run's curves, redrawn at each evaluation: in this kernel's cell, or by the parent
+    that draws this worker's bar (see `send_to`)."""
+
+    def __init__(self):
+        self._live = LiveCurves() if _parent is None else None
+
+    def update(self, history: list[dict]) -> None:
+        if _parent is not None:
+            _parent.put(("curves", [{k: v for k, v in r.items() if k != "samples"} for r in history]))
+        else:
+            self._live.update(history)
 
 
 class ProgressToParent:

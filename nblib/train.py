@@ -89,7 +89,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
                time.perf_counter(), steps, budget, mfu.flops_per_token(cfg, model.config.vocab_size),
                mfu.peak_flops(device)[0])
     first_step = state.step
-    window, reason = progress.Window(), StopReason.COMPLETED
+    window, reason, live = progress.Window(), StopReason.COMPLETED, progress.Curves()
     if state.step < steps:
         budget.refuse_if_spent()
     with interrupt.installed(), progress.bar(steps, state.step, disable=not device.is_main) as bar:
@@ -121,6 +121,8 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
             if state.step % t.eval_steps == 0 or state.step == steps:
                 with budget.timing("eval"):
                     _evaluate_and_record(state, ctx, window)
+                    if device.is_main:
+                        live.update(state.history)
             if state.step % t.save_steps == 0 or state.step == steps:
                 collectives.check_in_sync(state.model, state.step, device)
                 with budget.timing("save"):

@@ -50,6 +50,13 @@ def test_smoke_preset_trains_and_writes_every_output(tmp_path):
     checkpoints = list((run / "checkpoints").glob("checkpoint_epoch*_step*.pt"))
     assert 0 < len(checkpoints) <= best["config"]["train"]["max_checkpoints"]
     assert (run / "training_curves.png").stat().st_size > 0
+    train_cell = next(c for c in nb.cells if "nblib.launch.fit" in c.source)
+    pictures = [o for o in train_cell.outputs if "image/png" in o.get("data", {})]
+    assert len(pictures) == 1  # the live curves: one display, redrawn in place at each evaluation
+    assert "step 40/40: train loss" in "".join(o.get("text", "") for o in train_cell.outputs)  # the log lines stay
+    assert "session clock: about" in outputs_text(nb) and all(r["mfu"] > 0 for r in history)
+    card = (run / "final_model" / "README.md").read_text()
+    assert "| best validation loss |" in card and "![loss and validation perplexity](training_curves.png)" in card
 
     generator = pipeline("text-generation", model=str(run / "final_model"))
     assert generator("Return the", max_new_tokens=10)[0]["generated_text"].startswith("Return the")
