@@ -46,8 +46,10 @@ def _measured(device_type: str, precision: str) -> float:
 
 
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, repeats: int = 10) -> float:
-    """Measured FLOP/s of an n x n matmul in `dtype` on `device`."""
-    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    """Measured FLOP/s of an n x n matmul in `dtype` on `device`. Its own generator: training's
+    random streams (which a resume restores exactly) are left untouched."""
+    generator = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device, generator=generator) for _ in range(2))
     a @ b
     _synchronize(device)
     started = time.perf_counter()

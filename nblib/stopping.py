@@ -94,7 +94,7 @@ class TimeBudget:
     def exhausted(self) -> bool:
         if not self.minutes:
             return False
-        return self.step_seconds + self.reserve_seconds() > self.seconds_left()
+        return self.step_seconds > self.seconds_left()  # the reserve is kept out of what is left
 
     def seconds_left(self) -> float:
         """Seconds of the budget left for training (its reserve kept back); inf with no budget."""

@@ -154,11 +154,14 @@ def test_lora_fine_tune_in_two_processes(tmp_path, pretrained_dir, wikitext_file
 def test_the_parents_bar_starts_at_the_resumed_step_with_the_runs_total():
     import io
     from tqdm import tqdm
-    bar = tqdm(total=None, file=io.StringIO())
-    launch._handle(("start", {"total": 60, "initial": 20}), bar)
+    bar, drawn = tqdm(total=None, file=io.StringIO()), []
+    live = type("Live", (), {"update": lambda self, history: drawn.append(history)})()
+    launch._handle(("start", {"total": 60, "initial": 20}), bar, live)
     assert (bar.total, bar.n) == (60, 20)
-    launch._handle(("progress", {"step": 21, "total": 60, "postfix": {}}), bar)
+    launch._handle(("progress", {"step": 21, "total": 60, "postfix": {}}), bar, live)
     assert bar.n == 21
+    launch._handle(("curves", [{"step": 20, "val_loss": 3.0}]), bar, live)  # rank 0's history, drawn here
+    assert drawn == [[{"step": 20, "val_loss": 3.0}]]
 
 
 def test_workers_get_the_weights_through_a_file_not_shared_memory(tiny_config, monkeypatch):
