@@ -49,7 +49,7 @@ def write(model_dir: Path, out: Path, dtype: str = "float32") -> Path:
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"export_gguf: {model_dir} holds no full model (a LoRA adapter alone?); "
                          "export it with lora_export='merged'")
-    model = GPT2LMHeadModel.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = GPT2LMHeadModel.from_pretrained(str(model_dir)).float()  # a 16-bit export read back in full
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     _check_byte_level(tokenizer, model_dir)
     c = model.config

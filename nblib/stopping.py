@@ -106,7 +106,10 @@ class TimeBudget:
         """Where the run will end, at the measured times of a step, an evaluation and a save."""
         per_step = self.step_seconds + self.eval_seconds / eval_steps + self.save_seconds / save_steps
         needed, left = (total_steps - step) * per_step, self.seconds_left()
-        last = total_steps if needed <= left else min(total_steps, step + int(max(left, 0) / per_step))
+        if needed <= left:
+            last = total_steps
+        else:  # where the budget's time left runs out (nothing timed yet: no step is promised)
+            last = min(total_steps, step + int(max(left, 0) / per_step)) if per_step else step
         return Forecast(needed, left, last, total_steps, self.clock() + min(needed, max(left, 0)))
 
 

@@ -60,3 +60,19 @@ def test_a_budget_spent_before_the_first_step_is_an_error_not_an_untrained_expor
                                            r"used up before the first step"):
         spent.refuse_if_spent()
     stopping.TimeBudget(minutes=10, started_at=time.time()).refuse_if_spent()
+
+
+def test_the_session_clock_forecasts_where_the_budget_stops_the_run():
+    now = [1000.0]
+    budget = stopping.TimeBudget(minutes=60, started_at=1000.0, clock=lambda: now[0])
+    budget.step_seconds, budget.eval_seconds, budget.save_seconds = 2.0, 30.0, 10.0
+    forecast = budget.forecast(step=100, total_steps=10_000, eval_steps=100, save_steps=100)
+    per_step = 2.0 + 0.3 + 0.1
+    assert forecast.seconds_needed == pytest.approx(9_900 * per_step)
+    assert forecast.seconds_left == pytest.approx(3600 - budget.reserve_seconds())
+    assert forecast.last_step == 100 + int(forecast.seconds_left / per_step)
+    assert "the run will stop near step 1,556 of 10,000" in forecast.describe()
+    assert "continue in the next session" in forecast.describe() and set(forecast.postfix()) == {"end", "left"}
+    assert "the run ends near" in budget.forecast(9_990, 10_000, 100, 100).describe()
+    unlimited = stopping.TimeBudget(minutes=0, started_at=0, clock=lambda: 0.0)
+    assert "(no time budget)" in unlimited.forecast(0, 10, 5, 5).describe()  # nothing timed yet: no error
