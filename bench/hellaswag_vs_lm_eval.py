@@ -1,6 +1,6 @@
 """nblib's HellaSwag scorer against EleutherAI's lm-eval on the same items and model, item by item.
 
-    pip install lm-eval==0.4.13   # in an environment with nblib
+    pip install lm-eval==0.4.13 accelerate   # in an environment with nblib (the hf backend needs accelerate)
     python bench/hellaswag_vs_lm_eval.py --model runs/cpu-demo/final_model [--items hellaswag_val.jsonl] [--limit 500]
 
 Without `--items`, HellaSwag-format items are made from this Python's standard-library docstrings
