@@ -180,7 +180,9 @@ def torchrun_worker(cfg: RunConfig) -> train.RunResult:
                                  device=torch.device("cuda", local_rank) if device.is_cuda else device.device)
     if rank:
         logging.getLogger().setLevel(logging.ERROR)  # rank 0 speaks for the run
-    dist.init_process_group(collectives.backend(device), timeout=datetime.timedelta(minutes=30))
+    local = dataclasses.replace(device, world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    # NCCL when each machine's processes have a GPU each: the local count decides, not the world's.
+    dist.init_process_group(collectives.backend(local), timeout=datetime.timedelta(minutes=30))
     try:
         if rank == 0:
             lock.hold(cfg.output_dir)

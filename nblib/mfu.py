@@ -6,6 +6,7 @@ GPU is in `KNOWN_PEAKS`; any other device's is measured once per process with a 
 from __future__ import annotations
 
 import functools
+import re
 import time
 
 import torch
@@ -35,7 +36,7 @@ def peak_flops(device: Device) -> tuple[float, str]:
     """The device's peak FLOP/s in the run's precision, and where the figure comes from."""
     if device.is_cuda:
         for (name, precision), flops in KNOWN_PEAKS.items():
-            if name in device.gpu_name and precision == device.precision:
+            if re.search(rf"\b{name}\b", device.gpu_name) and precision == device.precision:  # not L40S for L4
                 return flops, f"{device.gpu_name} datasheet"
     return _measured(device.device.type, device.precision), "measured matmul"
 

@@ -82,16 +82,19 @@ def compiled_forward(model: torch.nn.Module, device: Device) -> torch.nn.Module:
     return torch.compile(model)
 
 
-def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device) -> torch.Tensor:
+def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device,
+                         per_rank_targets: float | None = None) -> torch.Tensor:
     """Forward and backward over `blocks` in `state.gradient_accumulation_steps` micro-batches;
     returns the mean loss per target token as a device tensor (no host sync per micro-step). Each
-    micro-batch weighs by its targets that carry loss (conversations' answers differ in length).
+    micro-batch weighs by its targets that carry loss (conversations' answers differ in length):
+    the divisor is `per_rank_targets`, the whole step's count over the ranks (default: this
+    process's own), so that the ranks' averaged gradients are the global per-token mean.
     Under DDP every micro-step runs in `no_sync`: no rank waits on another here, so an OOM can be
     agreed on."""
     state.model.train()
     forward = state.model if state.forward_module is None else state.forward_module  # same parameters
     loss_sum = torch.zeros((), device=device.device)
-    targets_in_step = max(counted_targets(blocks), 1)
+    targets_in_step = max(per_rank_targets or counted_targets(blocks), 1)
     with state.ddp.no_sync() if state.ddp else contextlib.nullcontext():
         for micro in np.array_split(blocks, state.gradient_accumulation_steps):
             inputs, targets = to_batch(micro, device)
@@ -105,7 +108,8 @@ def _backward(state: TrainState, loss: torch.Tensor) -> None:
     (state.scaler.scale(loss) if state.scaler else loss).backward()  # fp16 scales the loss first
 
 
-def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_grad_norm: float) -> StepOutcome:
+def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_grad_norm: float,
+                   per_rank_targets: float | None = None) -> StepOutcome:
     """One optimizer step over `blocks` (this process's share of the global batch), with OOM recovery.
 
     An OOM halves the micro-batch and retries the same blocks. A non-finite loss or gradient
@@ -113,7 +117,7 @@ def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_gr
     """
     optimizer = state.optimizer
     reset = partial(optimizer.zero_grad, set_to_none=True)
-    loss_sum = oom.retry_on_oom(state, len(blocks), lambda: accumulate_gradients(state, blocks, device),
+    loss_sum = oom.retry_on_oom(state, len(blocks), lambda: accumulate_gradients(state, blocks, device, per_rank_targets),
                                    reset, agree=lambda oom: collectives.any_rank(oom, device))
     if state.ddp is not None:  # after the ranks agreed on OOM: no rank waits on one that backs off
         collectives.average_gradients(state.model)

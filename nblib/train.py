@@ -17,6 +17,7 @@ from .data import Corpus
 from .hardware import Device, peak_memory
 from .state import TrainState, capture_rng, global_batch_of
 from .evaluation import evaluate, perplexity
+from .loss import counted_targets
 from .model import weights_are_finite
 from .optimization import StepOutcome, new_state, optimizer_step
 from .outcome import RunResult, StopReason  # noqa: F401 (the notebook reads nblib.train.StopReason)
@@ -104,7 +105,8 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
             mine = indices[device.rank * state.per_rank_batch:(device.rank + 1) * state.per_rank_batch]
             try:
                 with budget.timing("step"):
-                    outcome = optimizer_step(state, train_blocks[np.sort(mine)], device, t.max_grad_norm)
+                    outcome = optimizer_step(state, train_blocks[np.sort(mine)], device, t.max_grad_norm,
+                                             _targets_per_rank(train_blocks, indices, device, corpus.is_chat))
             except oom.OutOfMemoryAtMicroBatchOne:
                 reason = StopReason.OUT_OF_MEMORY  # the position stays before this step
                 break
@@ -153,6 +155,12 @@ class _Run:
     budget: stopping.TimeBudget
     flops_per_token: float
     peak_flops: float  # of one device, in the run's precision (mfu.peak_flops)
+
+
+def _targets_per_rank(blocks, indices: np.ndarray, device: Device, chat: bool) -> float | None:
+    """Conversations: the step's targets that carry loss, over all ranks, per rank (each rank's
+    own count differs; text's blocks all count the same, so None: each rank counts its own)."""
+    return counted_targets(blocks[np.sort(indices)]) / device.world_size if chat and device.world_size > 1 else None
 
 
 def _count_step(state: TrainState, outcome: StepOutcome, tokens: int) -> None:

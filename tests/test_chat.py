@@ -140,3 +140,25 @@ def test_chat_finetune_through_the_notebook_lowers_the_held_out_answer_loss(tmp_
     answer = output[0, prompt.shape[1]:].tolist()
     assert tokenizer.eos_token_id in answer  # the answer ends as the template's assistant turns do
     assert tokenizer.decode(answer[:answer.index(tokenizer.eos_token_id)]).startswith(" Sure. The ")
+
+
+def test_ranks_weigh_answers_by_the_whole_steps_count(tmp_path, tokenizer_dir):
+    """Two ranks' answer counts differ: each divides by the step's count per rank, so their averaged
+    gradients are the one-process gradient of the whole step (the per-token mean over all)."""
+    from nblib import model, optimization
+
+    corpus = chat_corpus(tmp_path, tokenizer_dir)
+    cfg = params.resolve(tiny_params(tmp_path, dataset=str(tmp_path / "chat.jsonl"), tokenizer=str(tokenizer_dir)))
+    device = hardware.detect("fp32", 1)
+    state = optimization.new_state(cfg, device, model.build(cfg.model, corpus.tokenizer), steps=4)
+    blocks = corpus.blocks("train")[np.arange(8)]
+
+    def gradients(part, per_rank_targets=None):
+        state.model.zero_grad(set_to_none=True)
+        optimization.accumulate_gradients(state, part, device, per_rank_targets)
+        return [p.grad.clone() for p in state.model.parameters()]
+
+    whole = gradients(blocks)
+    per_rank = (blocks[:, 1, 1:] != IGNORE_INDEX).sum() / 2
+    ranks = [gradients(part, per_rank) for part in (blocks[:2], blocks[2:])]  # uneven shares of answers
+    assert all(torch.allclose((a + b) / 2, w, atol=1e-6) for a, b, w in zip(*ranks, whole))
