@@ -50,6 +50,12 @@ class Blocks:
         tokens = self.flat[at].astype(np.int64)
         return np.stack([tokens, np.where(self.loss_mask[at] == 1, tokens, IGNORE_INDEX)], axis=1)
 
+    def counted_targets(self, index) -> int:
+        """How many targets of these windows carry loss (loss.counted_targets of what indexing
+        gives), reading the masks alone."""
+        at = self.starts[index][..., None] + np.arange(1, self.size)
+        return int(np.count_nonzero(self.loss_mask[at])) if self.loss_mask is not None else at.size
+
 
 @dataclass
 class Corpus:

@@ -12,6 +12,8 @@ from . import files, oom
 from .hardware import Device
 from .loss import counted_targets, loss_of, to_batch
 
+HISTORY = "training_history.json"
+
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
@@ -48,11 +50,16 @@ def evaluate_test(model: torch.nn.Module, corpus, device: Device, cfg) -> float:
     return loss
 
 
+def read_history(run_dir) -> list[dict]:
+    """The run's `training_history.json` (one record per evaluation); [] before the first."""
+    history_file = Path(run_dir) / HISTORY
+    return json.loads(history_file.read_text()) if history_file.is_file() else []
+
+
 def add_to_history(run_dir, **values) -> None:
     """Results measured after training (test loss, HellaSwag), into the history's last record,
     which the summary and the model card read."""
-    history_file = Path(run_dir) / "training_history.json"
-    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    history = read_history(run_dir)
     if history:
         history[-1].update(values)
-        files.write_json(history_file, history)
+        files.write_json(Path(run_dir) / HISTORY, history)

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from . import checkpoint, files, generate, gguf_export, lora, publish
 from . import model as model_weights
 from .config import RunConfig, SamplingConfig
+from .evaluation import read_history
 from .model import weights_are_finite
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def final_model_of_run(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFas
     """The notebook's export: `final_model` with the run's settings, then its model card."""
     path = final_model(model, tokenizer, cfg.output_dir, cfg.sampling, cfg.lora_export, cfg.export_dtype,
                        cfg.export_gguf)
-    publish.write_card(path, cfg, cfg.output_dir)
+    publish.write_card(path, cfg, chat=bool(getattr(tokenizer, "chat_template", None)))
     return path
 
 
@@ -110,8 +111,7 @@ def summary(run_dir: Path) -> str:
         if path.is_file() and "data_cache" not in path.parts and not path.name.startswith("."):
             lines.append(f"  {path.relative_to(run_dir)}  {path.stat().st_size / 2**20:.2f} MB")
     lines.append(f'load it: transformers.pipeline("text-generation", model="{run_dir / FINAL_MODEL}")')
-    history_file = run_dir / "training_history.json"
-    last = (json.loads(history_file.read_text()) or [{}])[-1] if history_file.is_file() else {}
+    last = (read_history(run_dir) or [{}])[-1]
     if "hellaswag_accuracy" in last:
         lines.append(f"HellaSwag ({last['hellaswag_source']}, {last['hellaswag_items']:,} items): accuracy "
                      f"{last['hellaswag_accuracy']:.4f} (summed log-likelihood: {last['hellaswag_sum_accuracy']:.4f})")

@@ -63,9 +63,9 @@ def write(model_dir: Path, out: Path, dtype: str = "float32") -> Path:
         writer.add_feed_forward_length(c.n_inner or 4 * c.n_embd)
         writer.add_head_count(c.n_head)
         writer.add_layer_norm_eps(c.layer_norm_epsilon)
-        writer.add_file_type(FILE_TYPES[dtype](gguf))
+        writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
         _add_vocabulary(writer, tokenizer, c.vocab_size, model_dir)
-        for name, array, raw in _tensors(model, dtype, gguf):
+        for name, array, raw in _tensors(model, dtype):
             writer.add_tensor(name, array, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -77,12 +77,13 @@ def write(model_dir: Path, out: Path, dtype: str = "float32") -> Path:
     return Path(out)
 
 
-FILE_TYPES = {"float32": lambda g: g.LlamaFileType.ALL_F32, "float16": lambda g: g.LlamaFileType.MOSTLY_F16,
-              "bfloat16": lambda g: g.LlamaFileType.MOSTLY_BF16}
+FILE_TYPES = {"float32": "ALL_F32", "float16": "MOSTLY_F16", "bfloat16": "MOSTLY_BF16"}  # gguf.LlamaFileType
 
 
-def _tensors(model: GPT2LMHeadModel, dtype: str, gguf):
+def _tensors(model: GPT2LMHeadModel, dtype: str):
     """(GGUF name, array, raw dtype or None) for every weight; the tied head as `output.weight`."""
+    import gguf
+
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, model.config.n_layer)
     weights = {k: v for k, v in model.state_dict().items() if not k.endswith(SKIPPED) and k != "lm_head.weight"}
     weights["lm_head.weight"] = weights["transformer.wte.weight"]  # llama.cpp reads the head from its own tensor
@@ -92,11 +93,13 @@ def _tensors(model: GPT2LMHeadModel, dtype: str, gguf):
         name = "output.weight" if key == "lm_head.weight" else names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"export_gguf: no GGUF name for the weight {key!r}")
-        yield (name, *_encoded(tensor.contiguous(), dtype if tensor.dim() == 2 else "float32", gguf))
+        yield (name, *_encoded(tensor.contiguous(), dtype if tensor.dim() == 2 else "float32"))
 
 
-def _encoded(tensor: torch.Tensor, dtype: str, gguf) -> tuple[np.ndarray, object]:
+def _encoded(tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, object]:
     if dtype == "bfloat16":  # numpy has no bfloat16: its raw 16 bits, typed for the writer
+        import gguf
+
         return tensor.to(torch.bfloat16).view(torch.int16).numpy(), gguf.GGMLQuantizationType.BF16
     return tensor.to(getattr(torch, dtype)).numpy(), None
 

@@ -3,13 +3,13 @@ of that folder to Kaggle Models (`upload_to`)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import shutil
 from pathlib import Path
 
 from . import files
 from .config import RunConfig
+from .evaluation import read_history
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,15 @@ def handle_problems(upload_to: str) -> list[str]:
     return []
 
 
-def write_card(model_dir: Path, cfg: RunConfig, run_dir: Path) -> Path:
-    """`model_dir/README.md`: what the model is, what it was trained on, how well it does and how
-    to load it; the run's config and curves are copied beside it."""
-    run_dir = Path(run_dir)
-    if (run_dir / "run_config.json").is_file():
-        shutil.copyfile(run_dir / "run_config.json", Path(model_dir) / CONFIG_COPY)
-    if (run_dir / CURVES).is_file():
-        shutil.copyfile(run_dir / CURVES, Path(model_dir) / CURVES)
-    history_file = run_dir / "training_history.json"
-    history = json.loads(history_file.read_text()) if history_file.is_file() else []
-    text = _card(cfg, history, chat=bool(_chat_template(model_dir)), curves=(Path(model_dir) / CURVES).is_file(),
+def write_card(model_dir: Path, cfg: RunConfig, chat: bool = False) -> Path:
+    """`model_dir/README.md`: what the model is, what it was trained on (`chat`: conversations,
+    with the tokenizer's chat template), how well it does and how to load it; the run's config
+    and curves are copied beside it."""
+    run_dir = Path(cfg.output_dir)
+    for name, copy in (("run_config.json", CONFIG_COPY), (CURVES, CURVES)):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, Path(model_dir) / copy)
+    text = _card(cfg, read_history(run_dir), chat, curves=(Path(model_dir) / CURVES).is_file(),
                  gguf=cfg.export_gguf)
     return files.atomic_write(Path(model_dir) / CARD, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -85,13 +83,6 @@ def _card(cfg: RunConfig, history: list[dict], chat: bool, curves: bool, gguf: b
         lines += ["## Training curves", "", f"![loss and validation perplexity]({CURVES})", ""]
     lines += [f"The full configuration is in `{CONFIG_COPY}`.", ""]
     return "\n".join(lines)
-
-
-def _chat_template(model_dir: Path) -> str:
-    settings = Path(model_dir) / "tokenizer_config.json"
-    if (Path(model_dir) / "chat_template.jinja").is_file():
-        return (Path(model_dir) / "chat_template.jinja").read_text()
-    return json.loads(settings.read_text()).get("chat_template", "") if settings.is_file() else ""
 
 
 def upload(model_dir: Path, handle: str, notes: str = "") -> str:

@@ -96,21 +96,24 @@ class TimeBudget:
             return False
         return self.step_seconds > self.seconds_left()  # the reserve is kept out of what is left
 
-    def seconds_left(self) -> float:
-        """Seconds of the budget left for training (its reserve kept back); inf with no budget."""
+    def seconds_left(self, now: float | None = None) -> float:
+        """Seconds of the budget left for training at `now` (the clock's time if None), its
+        reserve kept back; inf with no budget."""
         if not self.minutes:
             return math.inf
-        return self.minutes * 60 - (self.clock() - self.started_at) - self.reserve_seconds()
+        elapsed = (self.clock() if now is None else now) - self.started_at
+        return self.minutes * 60 - elapsed - self.reserve_seconds()
 
     def forecast(self, step: int, total_steps: int, eval_steps: int, save_steps: int) -> Forecast:
         """Where the run will end, at the measured times of a step, an evaluation and a save."""
         per_step = self.step_seconds + self.eval_seconds / eval_steps + self.save_seconds / save_steps
-        needed, left = (total_steps - step) * per_step, self.seconds_left()
+        now = self.clock()
+        needed, left = (total_steps - step) * per_step, self.seconds_left(now)
         if needed <= left:
             last = total_steps
         else:  # where the budget's time left runs out (nothing timed yet: no step is promised)
             last = min(total_steps, step + int(max(left, 0) / per_step)) if per_step else step
-        return Forecast(needed, left, last, total_steps, self.clock() + min(needed, max(left, 0)))
+        return Forecast(needed, left, last, total_steps, now + min(needed, max(left, 0)))
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,13 @@ class Forecast:
     total_steps: int
     ends_at: float  # the clock's time when the run (or this session's part of it) ends
 
+    @property
+    def end(self) -> str:
+        """The projected end as the local time of day."""
+        return time.strftime("%H:%M", time.localtime(self.ends_at))
+
     def describe(self) -> str:
-        ends = time.strftime("%H:%M", time.localtime(self.ends_at))
+        ends = self.end
         if math.isinf(self.seconds_left):
             return f"about {duration(self.seconds_needed)} to go, ending near {ends} (no time budget)"
         head = f"about {duration(self.seconds_needed)} needed, {duration(self.seconds_left)} left in the budget"
@@ -136,7 +144,7 @@ class Forecast:
 
     def postfix(self) -> dict:
         """The progress bar's fields: the budget's time left and the projected end."""
-        shown = {"end": time.strftime("%H:%M", time.localtime(self.ends_at))}
+        shown = {"end": self.end}
         if not math.isinf(self.seconds_left):
             shown["left"] = duration(max(self.seconds_left, 0))
         return shown

@@ -16,8 +16,7 @@ from .config import RunConfig
 from .data import Corpus
 from .hardware import Device, peak_memory
 from .state import TrainState, capture_rng, global_batch_of
-from .evaluation import evaluate, perplexity
-from .loss import counted_targets
+from .evaluation import HISTORY, evaluate, perplexity
 from .model import weights_are_finite
 from .optimization import StepOutcome, new_state, optimizer_step
 from .outcome import RunResult, StopReason  # noqa: F401 (the notebook reads nblib.train.StopReason)
@@ -106,7 +105,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
             try:
                 with budget.timing("step"):
                     outcome = optimizer_step(state, train_blocks[np.sort(mine)], device, t.max_grad_norm,
-                                             _targets_per_rank(train_blocks, indices, device, corpus.is_chat))
+                                             train_blocks.counted_targets(indices) / device.world_size)
             except oom.OutOfMemoryAtMicroBatchOne:
                 reason = StopReason.OUT_OF_MEMORY  # the position stays before this step
                 break
@@ -155,12 +154,6 @@ class _Run:
     budget: stopping.TimeBudget
     flops_per_token: float
     peak_flops: float  # of one device, in the run's precision (mfu.peak_flops)
-
-
-def _targets_per_rank(blocks, indices: np.ndarray, device: Device, chat: bool) -> float | None:
-    """Conversations: the step's targets that carry loss, over all ranks, per rank (each rank's
-    own count differs; text's blocks all count the same, so None: each rank counts its own)."""
-    return counted_targets(blocks[np.sort(indices)]) / device.world_size if chat and device.world_size > 1 else None
 
 
 def _count_step(state: TrainState, outcome: StepOutcome, tokens: int) -> None:
@@ -228,7 +221,7 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: progress.Window) 
              record["tokens_per_second"], 100 * record["mfu"], record["elapsed_seconds"], forecast.describe())
     ctx.reporter.scalars(report.evaluation_scalars(record), state.step)
     if ctx.device.is_main:  # every rank holds the same history and weights; one writes them
-        files.write_json(cfg.output_dir / "training_history.json", state.history)
+        files.write_json(cfg.output_dir / HISTORY, state.history)
     if state.val_loss < state.best_val_loss and weights_are_finite(state.model):
         state.best_val_loss = state.val_loss
         if ctx.device.is_main:

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 from nblib import chat, contract, data, evaluation, hardware, params
-from nblib.loss import IGNORE_INDEX
+from nblib.loss import IGNORE_INDEX, counted_targets
 from conftest import tiny_params
 from test_notebook import execute, outputs_text
 
@@ -55,6 +55,8 @@ def test_only_the_assistants_tokens_carry_loss(tmp_path, tokenizer_dir):
     tokens, labels = blocks[:, 0], blocks[:, 1]
     learnt = labels != IGNORE_INDEX
     assert np.array_equal(labels[learnt], tokens[learnt]) and 0.2 < learnt.mean() < 0.6
+    everything = np.arange(len(corpus.blocks("train")))
+    assert corpus.blocks("train").counted_targets(everything) == counted_targets(blocks)  # from the masks alone
 
 
 def test_no_loss_crosses_from_one_conversation_into_the_next(tmp_path, tokenizer_dir):

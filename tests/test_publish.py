@@ -83,7 +83,7 @@ def test_the_card_says_what_the_model_is_and_how_to_load_it(tmp_path):
         {"step": 4, "tokens_seen": 512, "val_loss": 3.0, "val_perplexity": 20.09},
         {"step": 8, "tokens_seen": 1024, "val_loss": 2.5, "val_perplexity": 12.18, "test_loss": 2.6,
          "test_perplexity": 13.46}]))
-    card = publish.write_card(model_dir, cfg, tmp_path / "run").read_text()
+    card = publish.write_card(model_dir, cfg).read_text()
     assert "best validation loss | 2.5000 (perplexity 12.18, step 8)" in card
     assert "test loss | 2.6000 (perplexity 13.46)" in card and "| steps | 8 (1,024 tokens) |" in card
     assert 'pipeline("text-generation"' in card and "training_curves" not in card  # no curves yet
