@@ -16,6 +16,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 from . import chat, checkpoint
 from . import model as model_lib
 from .config import ModelConfig, SamplingConfig
+from .hardware import Device
 
 
 @torch.no_grad()
@@ -82,10 +83,14 @@ def load(path: Path, tokenizer: PreTrainedTokenizerFast | None = None) -> tuple[
     return AutoModelForCausalLM.from_pretrained(str(path)), tokenizer or AutoTokenizer.from_pretrained(str(path))
 
 
-def model_to_sample(sample_from: str, model: PreTrainedModel,
-                    tokenizer: PreTrainedTokenizerFast) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """The notebook's generate cell: `model` when `sample_from` is "", else what `load` gives."""
-    return (model, tokenizer) if not sample_from else load(Path(sample_from), tokenizer)
+def model_to_sample(sample_from: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
+                    device: Device) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """The notebook's generate cell: `model` when `sample_from` is "", else what `load` gives,
+    on `device.device` (the GPU where there is one)."""
+    if not sample_from:
+        return model, tokenizer
+    loaded, loaded_tokenizer = load(Path(sample_from), tokenizer)
+    return loaded.to(device.device), loaded_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

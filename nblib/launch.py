@@ -1,11 +1,11 @@
 """Where processes start: one for a one-GPU or CPU run, or one data-parallel worker per GPU.
 
 The notebook's kernel stays the parent: it spawns one worker per rank (each runs `train.run`
-inside the process group), shows rank 0's progress bar and log lines, forwards an interrupt to
-the workers, and raises a worker's exception with its traceback if one fails (the others are
-terminated, so nothing hangs). Only rank 0 writes files; when the workers are done the parent
-loads the run's last checkpoint, so the notebook's `model` and `result` look as they do after a
-one-process run. Under torchrun (one or more machines) the processes exist already: each joins
+inside the process group), shows rank 0's progress bar and log lines and every worker's stderr,
+forwards an interrupt to the workers, and raises a worker's exception with its traceback if one
+fails (the others are terminated, so nothing hangs). Only rank 0 writes files; when the workers
+are done the parent loads the run's last checkpoint into the notebook's `model`, on the
+notebook's device, so `model` and `result` look as they do after a one-process run. Under torchrun (one or more machines) the processes exist already: each joins
 torchrun's process group and trains its share (`torchrun_worker`). The training loop itself never
 spawns.
 """
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import gc
 import logging
 import logging.handlers
 import os
 import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,29 +48,29 @@ def fit(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
 
 
 def spawn(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) -> train.RunResult:
-    """Train in `device.world_size` worker processes; returns rank 0's RunResult, rebuilt here."""
+    """Train in `device.world_size` worker processes; returns rank 0's RunResult, rebuilt here
+    with the trained weights in `model`, on `device.device` (never moved anywhere else: the
+    workers get a copy)."""
     # The weights go through a file, not the process arguments: those would put every tensor in
     # /dev/shm, which Docker sizes at 64 MB (the guide model's embedding alone is 49 MB).
-    handle, name = tempfile.mkstemp(prefix="nblib-workers-", suffix=".pt")
-    os.close(handle)
-    weights = Path(name)
-    try:
-        torch.save(model.cpu(), weights)
-        outcome, signal_name = _supervise(cfg, device, weights, corpus.cache_dir)
-    finally:
-        weights.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="nblib-workers-") as scratch:
+        weights = Path(scratch) / "model.pt"
+        torch.save(model, weights)  # a copy wherever the model is; the workers load it on the CPU
+        outcome, signal_name = _supervise(cfg, device, weights, corpus.cache_dir, Path(scratch))
     final = state.TrainState.outcome(model, checkpoint.load(outcome["saved"]))
+    model.to(device.device)  # where the notebook's next cells expect it
     return train.RunResult(final, train.StopReason(outcome["stop_reason"]), cfg.output_dir,
                            outcome["elapsed_seconds"], signal_name or outcome["signal_name"],
                            outcome["total_steps"])
 
 
-def _supervise(cfg, device: Device, weights: Path, cache_dir: Path) -> tuple[dict, str | None]:
-    """Start the workers, relay rank 0's progress and logs, forward an interrupt; returns rank
-    0's outcome and the signal that interrupted this process, if any."""
+def _supervise(cfg, device: Device, weights: Path, cache_dir: Path, scratch: Path) -> tuple[dict, str | None]:
+    """Start the workers, relay rank 0's progress and logs and every worker's stderr, forward an
+    interrupt; returns rank 0's outcome and the signal that interrupted this process, if any."""
     messages = mp.get_context("spawn").SimpleQueue()
+    stderr = StderrRelay([scratch / f"rank{rank}.stderr" for rank in range(device.world_size)])
     context = mp.start_processes(
-        _worker, args=(device.world_size, _free_port(), cfg, device, weights, cache_dir, messages),
+        _worker, args=(device.world_size, _free_port(), cfg, device, weights, cache_dir, messages, stderr.paths),
         nprocs=device.world_size, join=False, start_method="spawn")
     interrupt, forwarded, outcome, live = stopping.InterruptFlag(), False, None, plots.LiveCurves()
     with interrupt.installed(), progress.bar(total=None, initial=0) as bar:
@@ -80,6 +80,7 @@ def _supervise(cfg, device: Device, weights: Path, cache_dir: Path) -> tuple[dic
                 done = context.join(timeout=0.2)  # raises when a worker failed, killing the rest
                 while not messages.empty():
                     outcome = _handle(messages.get(), bar, live) or outcome
+                stderr.relay()
                 if interrupt and not forwarded:  # SIGTERM: a worker may get the SIGINT as well
                     for process in context.processes:
                         os.kill(process.pid, signal.SIGTERM)
@@ -88,6 +89,7 @@ def _supervise(cfg, device: Device, weights: Path, cache_dir: Path) -> tuple[dic
             for process in context.processes:
                 if process.is_alive():
                     process.terminate()
+            stderr.relay(final=True)  # a failed worker's last lines before its traceback
     if outcome is None:
         raise RuntimeError("the training workers ended without a result")
     return outcome, interrupt.signal_name
@@ -113,7 +115,8 @@ def _handle(message: tuple, bar, live: plots.LiveCurves) -> dict | None:
 
 
 def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights: Path, cache_dir: Path,
-            messages) -> None:
+            messages, stderr_paths: list[Path]) -> None:
+    _stderr_to(stderr_paths[rank])
     _log_to_parent(messages, rank)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device.is_cuda:
@@ -125,8 +128,8 @@ def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights:
     dist.init_process_group(collectives.backend(device), rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=30))
     try:
-        device = dataclasses.replace(device, rank=rank, device=gpu if device.is_cuda else device.device)
-        model = torch.load(weights, weights_only=False)  # the parent's model, written a moment ago
+        device = dataclasses.replace(device, rank=rank, device=gpu if device.is_cuda else torch.device("cpu"))
+        model = torch.load(weights, map_location="cpu", weights_only=False)  # the parent's, a moment ago
         state.seed_everything(cfg.train.seed, rank)  # dropout masks of their own on each rank
         result = train.run(cfg, device, model, data.open_cache(cache_dir, cfg))  # the parent's tokens
         if rank == 0:
@@ -134,10 +137,39 @@ def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights:
                 "stop_reason": result.stop_reason.value, "elapsed_seconds": result.elapsed_seconds,
                 "signal_name": result.signal_name, "saved": str(result.saved),
                 "total_steps": result.total_steps}))
-        del result  # DDP's reducer must go before its process group (otherwise exit hangs)
-        gc.collect()
     finally:
         dist.destroy_process_group()
+
+
+def _stderr_to(path: Path) -> None:
+    """This process's file descriptor 2 into `path`: Python's warnings and tracebacks, and what
+    C libraries write (NCCL's WARN lines, a crash), which the parent relays to the notebook (a
+    kernel shows its own stderr, not its children's)."""
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(handle, 2)
+    os.close(handle)
+
+
+class StderrRelay:
+    """Copies the lines the workers write to their stderr files into this process's stderr
+    (in a notebook, the train cell's output), each marked with its rank."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.read = [0] * len(paths)  # bytes of each file relayed so far
+
+    def relay(self, final: bool = False) -> None:
+        """Every complete line written since the last call (with `final`, an unfinished one too)."""
+        for rank, path in enumerate(self.paths):
+            if not path.is_file():
+                continue
+            with path.open("rb") as file:
+                file.seek(self.read[rank])
+                text = file.read()
+            complete = text if final else text[: text.rfind(b"\n") + 1]
+            self.read[rank] += len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                print(f"[rank {rank}] {line}", file=sys.stderr, flush=True)
 
 
 def _log_to_parent(messages, rank: int) -> None:
@@ -193,12 +225,10 @@ def torchrun_worker(cfg: RunConfig) -> train.RunResult:
         state.seed_everything(cfg.train.seed, rank)  # dropout masks of their own
         result = train.run(cfg, device, model, corpus)
         dist.barrier()  # rank 0's last checkpoint is written before any rank leaves
-        result.state.ddp = result.state.forward_module = None  # DDP's reducer goes before its group
         return result
     finally:
         if rank == 0:
             lock.release(cfg.output_dir)
-        gc.collect()
         dist.destroy_process_group()
 
 

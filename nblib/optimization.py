@@ -1,7 +1,6 @@
 """The arithmetic of training: the optimizer and its schedule, and one optimizer step."""
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -12,7 +11,7 @@ import torch
 from . import collectives, oom
 from .config import RunConfig
 from .hardware import Device
-from .loss import chunkable_head, counted_targets, loss_of, to_batch
+from .loss import chunkable_head, compile_for_training, counted_targets, loss_of, to_batch
 from .state import TrainState
 
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak, as nanoGPT does
@@ -49,14 +48,13 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW
 
 
 def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int) -> TrainState:
-    """Model on the device, AdamW, warm-up/cosine schedule, a GradScaler for fp16; in a worker
-    process the DistributedDataParallel wrapper, and the compiled forward when `torch_compile`
+    """Model on the device (rank 0's weights on every rank of a data-parallel run), AdamW,
+    warm-up/cosine schedule, a GradScaler for fp16, and the compiled forward when `torch_compile`
     is on."""
     model.to(device.device)
+    collectives.broadcast_parameters(model)
     optimizer = build_optimizer(model, cfg)
     schedule = partial(lr_factor, warmup_steps=cfg.train.warmup_steps, total_steps=steps)
-    ddp = collectives.wrap(model, device) if collectives.in_worker() else None
-    forward = model if ddp is None else ddp
     batch_size, accumulation = collectives.share(cfg.train.global_batch, cfg.train.batch_size, device.world_size)
     return TrainState(
         model=model, optimizer=optimizer,
@@ -64,22 +62,22 @@ def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int
         scaler=torch.amp.GradScaler(device.device.type) if device.uses_grad_scaler else None,
         batch_size=batch_size, gradient_accumulation_steps=accumulation,
         global_batch=cfg.train.global_batch, world_size=device.world_size, rank=device.rank,
-        forward_module=compiled_forward(forward, device) if cfg.train.torch_compile else ddp, ddp=ddp)
+        compiled=compiled_forward(model, device) if cfg.train.torch_compile else None)
 
 
 def compiled_forward(model: torch.nn.Module, device: Device) -> torch.nn.Module:
-    """The forward under torch.compile, refused where it is known to break: Triton needs compute
-    capability 7.0 or more (Kaggle's P100 is 6.0). A plain GPT-2 compiles its body in place and
-    keeps the chunked loss, whose softmax pieces loss_of then compiles too; any other model is
-    compiled whole. Checkpoints keep saving `model` itself, so no `_orig_mod.` prefix reaches them."""
+    """What training calls under torch.compile: a plain GPT-2's body (the chunked loss stays
+    outside it, and loss_of compiles its pieces), or any other model whole. The model itself is
+    left uncompiled, so evaluation (no_grad) and sampling (a KV cache, no autocast) never enter
+    the compiled graphs: each would recompile them, and past torch's recompile limit (8) torch
+    silently runs eager. Refused where it is known to break: Triton needs compute capability 7.0
+    or more (Kaggle's P100 is 6.0). Checkpoints save `model`, so no `_orig_mod.` prefix reaches
+    them."""
     if device.is_cuda and device.compute_capability < (7, 0):
         raise ValueError(f"torch_compile=True: torch.compile needs compute capability 7.0 or more, "
                          f"this GPU has {device.compute_capability}; set torch_compile=False")
     head = chunkable_head(model)
-    if head is not None:
-        head.transformer.compile()
-        return model
-    return torch.compile(model)
+    return compile_for_training(model if head is None else head.transformer)
 
 
 def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device,
@@ -88,19 +86,16 @@ def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device,
     returns the mean loss per target token as a device tensor (no host sync per micro-step). Each
     micro-batch weighs by its targets that carry loss (conversations' answers differ in length):
     the divisor is `per_rank_targets`, the whole step's count over the ranks (default: this
-    process's own), so that the ranks' averaged gradients are the global per-token mean.
-    Under DDP every micro-step runs in `no_sync`: no rank waits on another here, so an OOM can be
-    agreed on."""
+    process's own), so that the ranks' averaged gradients are the global per-token mean. No rank
+    waits on another here (the gradients are exchanged after), so an OOM can be agreed on."""
     state.model.train()
-    forward = state.model if state.forward_module is None else state.forward_module  # same parameters
     loss_sum = torch.zeros((), device=device.device)
     targets_in_step = max(per_rank_targets or counted_targets(blocks), 1)
-    with state.ddp.no_sync() if state.ddp else contextlib.nullcontext():
-        for micro in np.array_split(blocks, state.gradient_accumulation_steps):
-            inputs, targets = to_batch(micro, device)
-            loss = loss_of(forward, inputs, targets, device, reduction="sum") / targets_in_step
-            _backward(state, loss)
-            loss_sum += loss.detach()
+    for micro in np.array_split(blocks, state.gradient_accumulation_steps):
+        inputs, targets = to_batch(micro, device)
+        loss = loss_of(state.model, inputs, targets, device, reduction="sum", compiled=state.compiled)
+        _backward(state, loss / targets_in_step)
+        loss_sum += loss.detach() / targets_in_step
     return loss_sum
 
 
@@ -119,13 +114,17 @@ def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_gr
     reset = partial(optimizer.zero_grad, set_to_none=True)
     loss_sum = oom.retry_on_oom(state, len(blocks), lambda: accumulate_gradients(state, blocks, device, per_rank_targets),
                                    reset, agree=lambda oom: collectives.any_rank(oom, device))
-    if state.ddp is not None:  # after the ranks agreed on OOM: no rank waits on one that backs off
-        collectives.average_gradients(state.model)
+    # After the ranks agreed on OOM, so no rank waits on one that backs off: a few flat all-reduces.
+    collectives.average_gradients(state.model)
     loss_sum = collectives.mean_over_ranks(loss_sum)  # every rank takes the same skip decision
     if state.scaler:
         state.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_grad_norm)
-    loss, norm = loss_sum.item(), grad_norm.item()  # the one host sync per optimizer step
+    # Host synchronisations per optimizer step: this read of the loss and the norm; with fp16 the
+    # GradScaler's check for inf in scaler.step; in a data-parallel worker also the OOM agreement
+    # (oom.retry_on_oom) and the stop agreement before the step (train.run). So 1 on one process
+    # (2 in fp16), 3 in a worker (4 in fp16); test_optimization counts them.
+    loss, norm = collectives.to_host(torch.stack([loss_sum, grad_norm.to(loss_sum.dtype)]))
     applied = math.isfinite(loss) and math.isfinite(norm)
     if state.scaler:
         state.scaler.step(optimizer)  # skips the update itself on inf/nan gradients

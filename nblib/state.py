@@ -35,8 +35,7 @@ class TrainState:
     skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradients)
     bad_streak: int = 0  # consecutive steps with a non-finite loss
     events: list[dict[str, Any]] = field(default_factory=list)  # OOM back-offs, in order
-    forward_module: torch.nn.Module | None = None  # DDP- and/or compile-wrapped model for training
-    ddp: torch.nn.Module | None = None  # the DistributedDataParallel wrapper, in a worker process
+    compiled: torch.nn.Module | None = None  # what training calls under torch.compile; None: the model
 
     @property
     def per_rank_batch(self) -> int:

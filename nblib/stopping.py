@@ -5,12 +5,17 @@ import contextlib
 import logging
 import math
 import signal
+import statistics
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger(__name__)
+
+RECENT_STEPS = 25  # the step time is their median: warm-up and compile outliers drop out
+RECENT_EVALUATIONS = 5
 
 
 class InterruptFlag:
@@ -52,14 +57,28 @@ class InterruptFlag:
 @dataclass
 class TimeBudget:
     """Stops training while the next step, a final checkpoint and the export still fit. `clock`
-    gives the time (seconds since the epoch, as `started_at`): the tests hand it a fake one."""
+    gives the time (seconds since the epoch, as `started_at`): the tests hand it a fake one.
+
+    A step's and an evaluation's cost is the median of the recent ones, so the first step's
+    CUDA warm-up or a minute of torch.compile, and the first evaluation's warm-up, stay out of
+    the forecast and the reserve once a few more have been timed."""
 
     minutes: float  # 0: no budget
     started_at: float  # clock() when the session started
-    step_seconds: float = 0.0  # running average of one optimizer step
     save_seconds: float = 0.0  # longest checkpoint save seen
-    eval_seconds: float = 0.0  # longest evaluation seen
     clock: Callable[[], float] = time.time
+    step_times: deque = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    eval_times: deque = field(default_factory=lambda: deque(maxlen=RECENT_EVALUATIONS))
+
+    @property
+    def step_seconds(self) -> float:
+        """One optimizer step: the median of the recent ones (0 before the first)."""
+        return statistics.median(self.step_times) if self.step_times else 0.0
+
+    @property
+    def eval_seconds(self) -> float:
+        """One evaluation: the median of the recent ones (0 before the first)."""
+        return statistics.median(self.eval_times) if self.eval_times else 0.0
 
     @contextlib.contextmanager
     def timing(self, work: str):
@@ -69,9 +88,9 @@ class TimeBudget:
         yield
         seconds = self.clock() - began
         if work == "step":
-            self.step_seconds = seconds if not self.step_seconds else 0.9 * self.step_seconds + 0.1 * seconds
+            self.step_times.append(seconds)
         elif work == "eval":
-            self.eval_seconds = max(self.eval_seconds, seconds)
+            self.eval_times.append(seconds)
         else:
             self.save_seconds = max(self.save_seconds, seconds)
 

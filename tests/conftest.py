@@ -88,6 +88,21 @@ def pretrained_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return directory
 
 
+@pytest.fixture
+def moves(monkeypatch) -> list:
+    """Every call in this process that moves or casts a whole module: (module, method, args).
+    On a CPU a move to the CPU changes nothing visible, so the tests look at the calls."""
+    import torch
+
+    calls = []
+    for name in ("to", "cpu", "cuda", "half", "float", "bfloat16"):
+        def spy(self, *args, _original=getattr(torch.nn.Module, name), _name=name, **kwargs):
+            calls.append((self, _name, args))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.nn.Module, name, spy)
+    return calls
+
+
 HIDE_INSTALLED_NBLIB = """import os, sys
 # As on Kaggle, where nblib is not installed: the editable install of this checkout is hidden.
 sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]

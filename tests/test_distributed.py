@@ -1,5 +1,6 @@
 """Data-parallel training with 2 gloo processes on the CPU: through the notebook, across
 interrupts and across world sizes."""
+import dataclasses
 import json
 import os
 import signal
@@ -180,3 +181,57 @@ def test_workers_get_the_weights_through_a_file_not_shared_memory(tiny_config, m
                      corpus)
     assert not any(isinstance(a, (torch.Tensor, torch.nn.Module)) for a in seen["args"])
     assert not seen["args"][4].exists()  # the weights file is gone once the launch ends
+
+
+def test_after_the_workers_the_notebooks_model_is_on_the_notebooks_device(tiny_config, moves):
+    """On GPU T4 x2 the parent once moved the notebook's model to the CPU (to hand it to the
+    workers) and left it there, while `device` said cuda:0: the Evaluate cell failed after a
+    night of training. Here the notebook's device is `meta`, not the CPU's, so a model left on
+    the CPU shows; the workers compute on the CPU."""
+    from nblib import data, hardware, model
+    corpus = data.prepare(tiny_config)
+    net = model.build(tiny_config.model, corpus.tokenizer)
+    device = dataclasses.replace(hardware.detect("fp32", devices=2), device=torch.device("meta"))
+    result = launch.fit(tiny_config, device, net, corpus)
+    assert result.state.step == 12 and result.state.model is net
+    assert {p.device for p in net.parameters()} == {torch.device("meta")}
+    assert not [call for call in moves if call[0] is net and call[1] == "cpu"]
+
+
+WORKER_STDERR = """import os, warnings
+import nblib.train
+_run = nblib.train.run
+
+def _run_noisily(*args, **kwargs):
+    warnings.warn("a library's warning in a worker")
+    os.write(2, b"NCCL WARN a line written by C code\\n")
+    return _run(*args, **kwargs)
+
+nblib.train.run = _run_noisily
+"""
+
+
+def test_what_the_workers_write_to_stderr_reaches_the_notebook(tiny_config, tmp_path, monkeypatch, capfd):
+    """A kernel shows its own stderr, not its children's: warnings, NCCL's lines and a crash's
+    last words are relayed by the parent, each marked with its rank."""
+    from conftest import sitecustomize
+    from nblib import data, hardware, model
+    corpus = data.prepare(tiny_config)
+    sitecustomize(tmp_path, monkeypatch, WORKER_STDERR)
+    launch.fit(tiny_config, hardware.detect("fp32", devices=2), model.build(tiny_config.model, corpus.tokenizer), corpus)
+    err = capfd.readouterr().err
+    for rank in (0, 1):
+        assert f"[rank {rank}] NCCL WARN a line written by C code" in err
+        assert f"UserWarning: a library's warning in a worker" in err.split(f"[rank {rank}]", 1)[1]
+
+
+def test_the_relay_passes_complete_lines_and_the_rest_at_the_end(tmp_path, capsys):
+    path = tmp_path / "rank0.stderr"
+    relay = launch.StderrRelay([path, tmp_path / "not-yet-written"])
+    path.write_bytes(b"first line\nhalf a li")
+    relay.relay()
+    assert capsys.readouterr().err == "[rank 0] first line\n"
+    with path.open("ab") as file:
+        file.write(b"ne\nlast words")
+    relay.relay(final=True)
+    assert capsys.readouterr().err == "[rank 0] half a line\n[rank 0] last words\n"

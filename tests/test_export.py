@@ -131,10 +131,11 @@ def test_an_export_loads_under_the_other_major_transformers_and_back(tmp_path, t
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_export_dtype_halves_the_weights_and_leaves_the_trained_model_alone(trained, tmp_path, dtype):
+def test_export_dtype_halves_the_weights_and_leaves_the_trained_model_alone(trained, tmp_path, dtype, moves):
     from safetensors import safe_open
 
     final = export.final_model(trained.net, trained.tokenizer, tmp_path, export_dtype=dtype)
+    assert not [call for call in moves if call[0] is trained.net]  # a copy is cast, never the notebook's model
     with safe_open(str(final / "model.safetensors"), "pt") as weights:
         assert {weights.get_tensor(k).dtype for k in weights.keys()} == {getattr(torch, dtype)}
     full = (trained.final / "model.safetensors").stat().st_size

@@ -66,3 +66,14 @@ def test_command_line_takes_the_generation_parameters(pretrained_dir, capsys):
 def test_a_checkpoint_needs_its_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="is a checkpoint: give the tokenizer"):
         generate.load(tmp_path / "best_model.pt")
+
+
+def test_a_model_loaded_to_sample_from_goes_to_the_notebooks_device(pretrained_dir):
+    """`sample_from` loads on the CPU; the notebook's device here is `meta`, not the CPU's, so a
+    model left on the CPU (sampling silently there while a GPU waits) shows."""
+    from nblib import hardware
+    device = hardware.Device(torch.device("meta"), "fp32")
+    loaded, tokenizer = generate.model_to_sample(str(pretrained_dir), None, None, device)
+    assert {p.device for p in loaded.parameters()} == {torch.device("meta")} and tokenizer is not None
+    mine = object()
+    assert generate.model_to_sample("", mine, "tokenizer", device) == (mine, "tokenizer")

@@ -1,7 +1,10 @@
 """The chunked LM-head loss equals the plain logits path, in value and in every gradient."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from nblib import hardware, loss
@@ -84,3 +87,46 @@ def test_ignored_targets_carry_no_loss_and_no_gradient(monkeypatch):
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-5)
     assert torch.allclose(chunked_h, plain_h, atol=1e-5) and torch.allclose(chunked_w, plain_w, atol=1e-4)
     assert chunked_h[::3].abs().max() == 0
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the tensor operations dispatched inside it: on a GPU, each is a kernel launch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_on_a_gpu_a_micro_batch_is_a_few_hundred_kernels_not_thousands():
+    """The guide's micro-batch (8 x 512 tokens) at V=50304: the CPU's cache-sized pieces are 41
+    rows, over a hundred pieces of a dozen kernels each; a GPU takes one piece per chunk."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(4096, 8, requires_grad=True), torch.randn(50304, 8, requires_grad=True)
+    targets = torch.randint(0, 50304, (4096,))
+    ops, results = {}, {}
+    for device_type in ("cuda", "cpu"):
+        with OpCounter() as counter:
+            total = loss.linear_cross_entropy(hidden, weight, targets, device_type=device_type)
+            total.backward()
+        ops[device_type], results[device_type] = counter.ops, (total.item(), hidden.grad.clone(), weight.grad.clone())
+        hidden.grad = weight.grad = None
+    print(f"dispatched ops per micro-batch: {ops}")
+    assert ops["cuda"] <= 300 and ops["cpu"] > 1000
+    assert loss.sizes(50304, "cuda") == (667, 667) and loss.sizes(50304, "cpu") == (667, 41)
+    (cuda_loss, cuda_h, cuda_w), (cpu_loss, cpu_h, cpu_w) = results["cuda"], results["cpu"]
+    assert cuda_loss == pytest.approx(cpu_loss, rel=1e-6)
+    assert torch.allclose(cuda_h, cpu_h, atol=1e-6) and torch.allclose(cuda_w, cpu_w, atol=1e-6)
+
+
+def test_the_fp16_gradients_are_scaled_in_fp32():
+    """The GradScaler's 65536 over a step's tokens times the fp16 gradient the forward pass kept:
+    multiplied in fp16, the product is rounded to 11 bits before it reaches the fp32 hidden states."""
+    grad_hidden = torch.full((4, 2), 0.1, dtype=torch.float16)
+    ctx = SimpleNamespace(saved_tensors=(grad_hidden, torch.zeros(3, 2)), hidden_dtype=torch.float32)
+    scale = torch.tensor(65536 / 3)
+    d_hidden, d_weight, *_ = loss._LinearCrossEntropy.backward(ctx, scale)
+    assert d_hidden.dtype == torch.float32 and torch.equal(d_hidden, grad_hidden.float() * scale)

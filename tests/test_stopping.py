@@ -18,7 +18,8 @@ def test_steps_evaluations_and_saves_are_timed_apart():
 
 def test_time_budget_stops_while_a_step_save_and_export_still_fit():
     budget = stopping.TimeBudget(minutes=1, started_at=time.time() - 40)
-    budget.step_seconds, budget.save_seconds = 1.0, 2.0
+    budget.step_times.append(1.0)
+    budget.save_seconds = 2.0
     assert budget.reserve_seconds() == pytest.approx(3 * 2.0 + 2 * 1.0 + 10)  # no evaluation yet
     assert not budget.exhausted()  # 20 s left > 1 + 18
     budget.save_seconds = 3.0
@@ -65,7 +66,9 @@ def test_a_budget_spent_before_the_first_step_is_an_error_not_an_untrained_expor
 def test_the_session_clock_forecasts_where_the_budget_stops_the_run():
     now = [1000.0]
     budget = stopping.TimeBudget(minutes=60, started_at=1000.0, clock=lambda: now[0])
-    budget.step_seconds, budget.eval_seconds, budget.save_seconds = 2.0, 30.0, 10.0
+    budget.step_times.append(2.0)
+    budget.eval_times.append(30.0)
+    budget.save_seconds = 10.0
     forecast = budget.forecast(step=100, total_steps=10_000, eval_steps=100, save_steps=100)
     per_step = 2.0 + 0.3 + 0.1
     assert forecast.seconds_needed == pytest.approx(9_900 * per_step)
@@ -76,3 +79,25 @@ def test_the_session_clock_forecasts_where_the_budget_stops_the_run():
     assert "the run ends near" in budget.forecast(9_990, 10_000, 100, 100).describe()
     unlimited = stopping.TimeBudget(minutes=0, started_at=0, clock=lambda: 0.0)
     assert "(no time budget)" in unlimited.forecast(0, 10, 5, 5).describe()  # nothing timed yet: no error
+
+
+def test_warm_up_and_compile_stay_out_of_the_forecast():
+    """A first step of a minute (CUDA warm-up, torch.compile) and 1 s steps after; a first
+    evaluation of 30 s and 5 s ones after: the step-5 forecast counts 1 s a step, and the
+    reserve keeps 5 s evaluations."""
+    now = [1000.0]
+    budget = stopping.TimeBudget(minutes=600, started_at=1000.0, clock=lambda: now[0])
+
+    def timed(work, seconds):
+        with budget.timing(work):
+            now[0] += seconds
+
+    for seconds in (60, 1, 1, 1, 1):
+        timed("step", seconds)
+    assert budget.step_seconds == 1.0
+    forecast = budget.forecast(step=5, total_steps=1005, eval_steps=10**6, save_steps=10**6)
+    assert forecast.seconds_needed == pytest.approx(1000)  # 1 s a step, not the first step's minute
+    for seconds in (30, 5, 5):
+        timed("eval", seconds)
+    assert budget.eval_seconds == 5.0
+    assert budget.reserve_seconds() == pytest.approx(2 * 5 + 2 * 1 + 10)
