@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -88,8 +88,8 @@ def matmul_peak(dtype: torch.dtype, device: str = "cpu") -> float:
     (torch.get_num_threads()): the best of several timings after a warm-up. On a GPU: n=4096,
     REPEATS timings of CUDA_BURST matmuls, each between synchronisations. On a CPU: n grows up
     to 2048 while MIN_REPEATS matmuls of the next size would fit in CPU_SECONDS, then it is
-    timed until CPU_SECONDS have passed. Its own generator: training's random streams (which a resume
-    restores exactly) are left untouched."""
+    timed until CPU_SECONDS have passed. Its own generator: training's random streams (which a
+    resume restores exactly) are left untouched."""
     generator = torch.Generator(device).manual_seed(0)
 
     def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +133,8 @@ def best_time(work: Callable[[], None], repeats: int, seconds: float,
 
 
 def utilisation(tokens_per_second: float, flops_per_token_: float, peak: float, world_size: int) -> float:
-    """MFU: the FLOP/s training achieved over the peak of every device it ran on. NaN when that
-    is above 1: the peak was measured too low, and no figure beats a wrong one (`shown` says so)."""
+    """MFU: the FLOP/s training achieved over the peak of every device it ran on. NaN (with a
+    warning) when that is above 1: the peak was measured too low, and no figure beats a wrong one."""
     value = tokens_per_second * flops_per_token_ / (peak * world_size)
     if value > 1:
         log.warning("MFU would be %.1f%% of a peak of %.3g TFLOP/s per device: that peak is too low, "

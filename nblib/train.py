@@ -216,9 +216,9 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: progress.Window) 
     record = state.history[-1]
     forecast = ctx.budget.forecast(state.step, ctx.total_steps, cfg.train.eval_steps, cfg.train.save_steps)
     log.info("step %d/%d: train loss %.4f, val loss %.4f (perplexity %.1f), lr %.2e, grad norm %.2f, "
-             "%.0f tokens/s, MFU %.1f%%, %.0f s; %s", state.step, ctx.total_steps, state.train_loss,
+             "%.0f tokens/s, MFU %s, %.0f s; %s", state.step, ctx.total_steps, state.train_loss,
              state.val_loss, record["val_perplexity"], record["learning_rate"], record["grad_norm"],
-             record["tokens_per_second"], 100 * record["mfu"], record["elapsed_seconds"], forecast.describe())
+             record["tokens_per_second"], mfu.shown(record["mfu"]), record["elapsed_seconds"], forecast.describe())
     ctx.reporter.scalars(report.evaluation_scalars(record), state.step)
     if ctx.device.is_main:  # every rank holds the same history and weights; one writes them
         files.write_json(cfg.output_dir / HISTORY, state.history)

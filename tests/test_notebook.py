@@ -54,7 +54,7 @@ def test_smoke_preset_trains_and_writes_every_output(tmp_path):
     pictures = [o for o in train_cell.outputs if "image/png" in o.get("data", {})]
     assert len(pictures) == 1  # the live curves: one display, redrawn in place at each evaluation
     assert "step 40/40: train loss" in "".join(o.get("text", "") for o in train_cell.outputs)  # the log lines stay
-    assert "session clock: about" in outputs_text(nb) and all(r["mfu"] > 0 for r in history)
+    assert "session clock: about" in outputs_text(nb) and all(0 < r["mfu"] < 1 for r in history)
     card = (run / "final_model" / "README.md").read_text()
     assert "| best validation loss |" in card and "![loss and validation perplexity](training_curves.png)" in card
 

@@ -51,7 +51,7 @@ def test_torchrun_trains_and_resumes_in_the_notebook_and_back(tmp_path, wikitext
     finished(torchrun("--nproc_per_node=2", cwd=tmp_path))
     history = json.loads((run / "training_history.json").read_text())
     assert [r["step"] for r in history] == [4, 8, 12, 16] and saved_world_size(run, 16) == 2
-    assert all(r["mfu"] > 0 for r in history)
+    assert all(0 < r["mfu"] < 1 for r in history)
 
 
 def test_two_nodes_meet_through_a_c10d_rendezvous(tmp_path, wikitext_file, tokenizer_dir):
