@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import files
 from .config import GPT2_TOKENIZERS, RunConfig
+from .console import DataError
 
 MANIFEST = "bundle_manifest.json"
 EXPECTED = ("train.bin", "validation.bin", "test.bin", "meta.json", "tokenizer/tokenizer.json",
@@ -60,5 +61,5 @@ def verify(directory: Path, cfg: RunConfig) -> None:
     if manifest["max_length"] != cfg.train.max_length:
         problems.append(f"max_length: bundle {manifest['max_length']}, run {cfg.train.max_length}")
     if problems:
-        raise ValueError(f"dataset={str(directory)!r} is a bundle this run cannot use:\n  - "
+        raise DataError(f"dataset={str(directory)!r} is a bundle this run cannot use:\n  - "
                          + "\n  - ".join(problems))

@@ -13,6 +13,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
+from .console import DataError
+
 ROLES = ("system", "user", "assistant")
 # Plain words, so that any byte-level tokenizer takes it without new tokens. An assistant turn
 # ends with the end-of-text token: a model trained on it stops there when generating.
@@ -87,7 +89,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerFast, messages: list[dict], te
         before = render(tokenizer, messages[:i], generation_prompt=True)
         through = render(tokenizer, messages[:i + 1])
         if not (text.startswith(through) and through.startswith(before)):
-            raise ValueError("train_on='responses': the tokenizer's chat template does not render a "
+            raise DataError("train_on='responses': the tokenizer's chat template does not render a "
                              "conversation's beginning as the start of the whole, so the assistant's "
                              "tokens cannot be told apart; use train_on='all'")
         spans.append((len(before), len(through)))
@@ -101,12 +103,12 @@ def checked(messages: Any, where: str) -> list[dict]:
         ValueError: naming the row and what is wrong with it.
     """
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}}, "
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}, "
                          f"not {str(messages)[:60]}")
     for turn in messages:
         if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
-            raise ValueError(f"{where}: each message needs a role ({', '.join(ROLES)}) and a text "
+            raise DataError(f"{where}: each message needs a role ({', '.join(ROLES)}) and a text "
                              f"content, not {str(turn)[:80]}")
     if not any(turn["role"] == "assistant" for turn in messages):
-        raise ValueError(f"{where}: the conversation has no assistant message to learn from")
+        raise DataError(f"{where}: the conversation has no assistant message to learn from")
     return [{"role": turn["role"], "content": turn["content"]} for turn in messages]

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from . import files, paths
+from .console import ConfigError, NotEnoughSpace, Refusal
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ BEST_MODEL = "best_model.pt"
 EMERGENCY = "emergency_checkpoint.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Refusal, RuntimeError):
     """A checkpoint that cannot be used: unreadable, unsafe or from another configuration."""
 
 
@@ -48,7 +49,7 @@ def save(path: Path, checkpoint: dict[str, Any]) -> float:
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
     if free < needed:
-        raise OSError(28, f"not enough space to write {path.name}: about {needed / 2**20:.0f} MB "
+        raise NotEnoughSpace(28, f"not enough space to write {path.name}: about {needed / 2**20:.0f} MB "
                       f"needed, {free / 2**20:.0f} MB free in {path.parent}; the earlier checkpoints "
                       "are intact. Free some space or lower max_checkpoints, then resume")
     try:
@@ -127,7 +128,7 @@ def check_disk_budget(run_dir: Path, model: torch.nn.Module, max_checkpoints: in
     log.info("disk: about %.0f MB per checkpoint, projected peak %.2f GB, %.1f GB available in %s",
              per_checkpoint / 2**20, peak / 2**30, free / 2**30, run_dir)
     if peak > free:
-        raise OSError(28, f"this run would need about {peak / 2**30:.2f} GB in {run_dir} "
+        raise NotEnoughSpace(28, f"this run would need about {peak / 2**30:.2f} GB in {run_dir} "
                       f"({max_checkpoints} checkpoints of {per_checkpoint / 2**20:.0f} MB "
                       f"plus best, emergency and final model), but only {free / 2**30:.2f} GB are "
                       "free: lower max_checkpoints or free space")
@@ -199,7 +200,7 @@ def find_resume(run_dir: Path, resume_from_checkpoint: str,
     if resume_from_checkpoint == "":
         existing = existing_files(run_dir)
         if existing:
-            raise ValueError(
+            raise ConfigError(
                 f"output_dir={str(run_dir)!r} already holds checkpoints ({existing[-1].name}); "
                 "set resume_from_checkpoint='auto' to continue that run, or choose another "
                 "output_dir for a fresh one")

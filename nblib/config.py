@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,7 @@ class RunConfig:
     report_to: str = "none"  # "none", "tensorboard" or "wandb"
     lora_export: str = "merged"  # final_model of a LoRA run: "merged" weights or the "adapter" alone
     export_dtype: str = "float32"  # final_model's weights: float32, float16 or bfloat16
-    export_gguf: bool = False  # also write final_model.gguf, for llama.cpp (needs the gguf package)
+    export_gguf: bool = False  # also write final_model/model.gguf, for llama.cpp (needs the gguf package)
     upload_to: str = ""  # a Kaggle Models handle owner/model/framework/variation: final_model/ is uploaded
     eval_hellaswag: str = ""  # after training: "" none, "hub" (Rowan/hellaswag) or a HellaSwag JSONL file
     hellaswag_items: int = 0  # HellaSwag items scored: 0 all, else the first this many
@@ -131,7 +132,7 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     def describe(self) -> str:
-        """Readable multi-line summary for the notebook (the global batch: distributed.describe)."""
+        """Readable multi-line summary for the notebook (the global batch: collectives.describe)."""
         lines = [f"preset {self.preset}, output_dir {self.output_dir}"]
         for name, part in (("data", self.data), ("model", self.model), ("train", self.train),
                            ("sampling", self.sampling)):
@@ -142,6 +143,8 @@ class RunConfig:
                      f"export_dtype={self.export_dtype!r}, export_gguf={self.export_gguf}, upload_to={self.upload_to!r}, "
                      f"sample_from={self.sample_from!r}, eval_hellaswag={self.eval_hellaswag!r}, "
                      f"hellaswag_items={self.hellaswag_items}, dry_run={self.dry_run}")
+        began = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
+        lines.append(f"the time budget counts from {began} (the session's start)")
         return "\n".join(lines)
 
 

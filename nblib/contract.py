@@ -17,11 +17,14 @@ from typing import Any
 
 from . import checkpoint, collectives
 from .config import GPT2_TOKENIZER, GPT2_TOKENIZERS, RunConfig
+from .console import Refusal
 from .params import PARAMETERS
 from .state import TrainState, global_batch_of
 
 log = logging.getLogger(__name__)
 
+DATA_PARAMETERS = ("dataset", "dataset_config", "text_column", "token_key", "data_format", "train_on",
+                   "instruction_column", "response_column", "tokenizer")
 IDENTITY = "identity"  # in the fingerprint: a resume must match it
 BOUND = "bound"  # fixed when the run starts: a resume must match it
 APPLIED = "may change"  # applied to the resumed run, logged and recorded
@@ -30,8 +33,7 @@ FREE = "free"  # how this session runs, not part of the run: never compared
 _SCHEDULE = "the schedule is derived again, from the resumed step"
 RULES: dict[str, tuple[str, str]] = {
     **{name: (IDENTITY, "compared through the tokens they make (the same tokens from another path "
-                        "resume)") for name in ("dataset", "dataset_config", "text_column", "token_key", "data_format", "train_on",
-                     "instruction_column", "response_column")},
+                        "resume)") for name in DATA_PARAMETERS if name != "tokenizer"},
     "tokenizer": (IDENTITY, "compared through its vocabulary and merges, not its name"),
     **{name: (IDENTITY, "how the tokens are cut into blocks") for name in ("max_length", "stride",
                                                                           "drop_remainder")},
@@ -63,7 +65,7 @@ SHAPE = ("max_length", "stride", "drop_remainder", "vocab_size", "n_positions", 
          "n_head", "n_inner", "init_from", "lora_r", "lora_alpha", "lora_target_modules")
 
 
-class RunMismatch(ValueError):
+class RunMismatch(Refusal, ValueError):
     """A checkpoint of another run: resuming it would mix two runs."""
 
 
@@ -99,7 +101,7 @@ def fingerprint(cfg: RunConfig, corpus=None) -> dict[str, Any]:
             "tokenizer": {"sha256": tokenizer_digest(corpus.tokenizer),
                           "about": f"{cfg.data.tokenizer} ({len(corpus.tokenizer):,} tokens)"},
             "data": {"sha256": _digest(corpus.digests),
-                     "about": f"dataset={cfg.data.dataset!r} ({tokens} tokens)"}}
+                     "about": f"dataset={cfg.data.dataset!r} ({tokens} tokens)", "chat": corpus.is_chat}}
 
 
 @functools.lru_cache(maxsize=4)  # one hash per tokenizer object: its vocabulary is hashed once a run
@@ -126,7 +128,12 @@ def check(saved: dict[str, Any], cfg: RunConfig, world_size: int, corpus=None,
     old_print = saved_config.get("fingerprint") or fingerprint_of(old)
     new_print = fingerprint(cfg, corpus)
     problems = [f"{name}: checkpoint {_shown(old_print[name])}, this run {_shown(new_print[name])}"
+                + (_changed_data_parameters(old, new) if name == "data" else "")
                 for name in new_print if name in old_print and _key(old_print[name]) != _key(new_print[name])]
+    chat = isinstance(old_print.get("data"), dict) and old_print["data"].get("chat")
+    if chat and corpus is None and old.get("train_on") not in (None, new["train_on"]):  # known before tokenizing
+        problems.append(f"train_on: checkpoint {old['train_on']!r}, this run {new['train_on']!r} (which "
+                        "tokens of the conversations carry loss)")
     problems += [f"{name}: checkpoint {old[name]!r}, this run {new[name]!r} ({why})"
                  for name, (kind, why) in RULES.items()
                  if kind == BOUND and old.get(name) is not None and old[name] != new[name]]
@@ -142,6 +149,13 @@ def check(saved: dict[str, Any], cfg: RunConfig, world_size: int, corpus=None,
               f"{checkpoint.BEST_MODEL}, {checkpoint.EMERGENCY}) out of {_run_folder(path)}.")
     return [Change(name, old[name], new[name]) for name, (kind, _) in RULES.items()
             if kind == APPLIED and name in old and old[name] != new[name]]
+
+
+def _changed_data_parameters(old: dict, new: dict) -> str:
+    """'; changed: train_on 'responses' -> 'all'': the data parameters behind a change of tokens."""
+    changed = [f"{name} {old[name]!r} -> {new[name]!r}" for name, (kind, _) in RULES.items()
+               if kind == IDENTITY and name in DATA_PARAMETERS and name in old and old[name] != new[name]]
+    return f"; changed: {', '.join(changed)}" if changed else ""
 
 
 def fingerprint_of(values: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """Tokenize, pack and cache: text splits in, memory-mapped token blocks out."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from . import bundle, chat, files, localfiles, paths, pretokenized, sources, tokenizer as tokenizers
 from .config import BPE_SPEC, DataConfig, RunConfig
+from .console import DataError, NotEnoughSpace
 from .loss import IGNORE_INDEX
 from .sources import is_local_dataset
 
@@ -100,9 +103,23 @@ class Corpus:
                  f"{self.block_size:,} one block needs (max_length + 1)"
                  for split, tokens in self.tokens.items() if len(self.blocks(split)) == 0]
         if short:
-            raise ValueError(f"dataset={dataset!r}: " + "; ".join(short) + ". Add text to it, lower "
+            raise DataError(f"dataset={dataset!r}: " + "; ".join(short) + ". Add text to it, lower "
                              "max_length, or (for a held-out file of your own) leave it out so that "
                              "5% of the training documents are held out instead")
+
+    def check_answers(self, eval_blocks: int) -> None:
+        """Conversations: the blocks every evaluation scores hold answer tokens; otherwise the
+        first evaluation, after training began, would have no loss to measure.
+
+        Raises:
+            DataError: naming eval_blocks and max_length, and the fix.
+        """
+        validation = self.blocks("validation")
+        scored = np.arange(min(eval_blocks, len(validation)))
+        if self.is_chat and validation.counted_targets(scored) == 0:
+            raise DataError(f"the {len(scored):,} validation blocks an evaluation scores (eval_blocks={eval_blocks}, "
+                            f"max_length={self.max_length}) hold no answer token to measure a loss on: raise "
+                            "eval_blocks, or use longer blocks or conversations with answers in the validation split")
 
     def describe(self) -> str:
         counts = ", ".join(f"{s} {len(t):,} tokens / {len(self.blocks(s)):,} blocks"
@@ -127,6 +144,7 @@ def prepare(cfg: RunConfig) -> Corpus:
     else:
         corpus = open_cache(_cached_or_built(cfg), cfg)
     corpus.check_blocks(cfg.data.dataset)
+    corpus.check_answers(cfg.train.eval_blocks)
     return corpus
 
 
@@ -141,7 +159,15 @@ def _cached_or_built(cfg: RunConfig) -> Path:
     localfiles.check_files(cfg.data)  # an empty or non-UTF-8 file is named before any heavy work
     if not _pretokenized_files(cfg):
         localfiles.check_records(cfg.data)
-    return files.atomic_directory(own, lambda tmp: build_cache(cfg, tmp))
+    try:
+        return files.atomic_directory(own, lambda tmp: build_cache(cfg, tmp))
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise NotEnoughSpace(errno.ENOSPC, f"the disk of {own.parent} filled up while tokenizing dataset="
+                             f"{cfg.data.dataset!r} ({shutil.disk_usage(own.parent).free / 2**20:,.0f} MB free now; "
+                             "the partial cache was removed). Free some space (an older run's checkpoints or "
+                             "data_cache), or set output_dir on a larger disk") from None
 
 
 def cache_key(cfg: RunConfig) -> str:
@@ -162,7 +188,7 @@ def build_cache(cfg: RunConfig, directory: Path) -> None:
     """Write `{train,validation,test}.bin`, the tokenizer and `meta.json` into `directory`."""
     token_files = _pretokenized_files(cfg)
     if token_files and BPE_SPEC.match(cfg.data.tokenizer):
-        raise ValueError(f"tokenizer={cfg.data.tokenizer!r}: dataset={cfg.data.dataset!r} holds token "
+        raise DataError(f"tokenizer={cfg.data.tokenizer!r}: dataset={cfg.data.dataset!r} holds token "
                          "ids, so a BPE cannot be trained on it; pass the tokenizer that made the ids")
     splits = None if token_files else sources.load(cfg.data, cfg.train.seed)
     conversations = splits is not None and "messages" in splits["train"].column_names
@@ -179,7 +205,7 @@ def build_cache(cfg: RunConfig, directory: Path) -> None:
                   for name, split in splits.items()}
     empty = [name for name, count in counts.items() if count == 0]
     if empty:
-        raise ValueError(f"dataset={cfg.data.dataset!r}: the {', '.join(empty)} split holds no tokens")
+        raise DataError(f"dataset={cfg.data.dataset!r}: the {', '.join(empty)} split holds no tokens")
     tokenizer.save_pretrained(str(directory / "tokenizer"))
     written = [p.name.removesuffix(".bin") for p in sorted(directory.glob("*.bin"))]
     meta = dict(dtype=np.dtype(dtype).name, tokens=counts, vocab_size=len(tokenizer),

@@ -1,15 +1,17 @@
 """The deliverable: `final_model/` in Hugging Face format, loadable by `pipeline("text-generation")`."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from . import checkpoint, files, generate, gguf_export, lora, publish
+from . import checkpoint, console, files, generate, gguf_export, lora, publish
 from . import model as model_weights
 from .config import RunConfig, SamplingConfig
 from .evaluation import read_history
@@ -18,7 +20,8 @@ from .model import weights_are_finite
 log = logging.getLogger(__name__)
 
 FINAL_MODEL = "final_model"
-FINAL_GGUF = "final_model.gguf"
+GGUF = "model.gguf"  # inside final_model/, so the export is one unit
+LEGACY_GGUF = "final_model.gguf"  # beside it, where exports before 0.4 wrote it
 
 
 def load_best_weights(model: PreTrainedModel, run_dir: Path) -> bool:
@@ -32,16 +35,18 @@ def load_best_weights(model: PreTrainedModel, run_dir: Path) -> bool:
 
 def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_dir: Path,
                 sampling: SamplingConfig | None = None, lora_export: str = "merged",
-                export_dtype: str = "float32", export_gguf: bool = False) -> Path:
+                export_dtype: str = "float32", export_gguf: bool = False,
+                extra: Callable[[Path], None] | None = None) -> Path:
     """Write model (safetensors), config, generation config and tokenizer to `run_dir/final_model`.
 
     The generation config carries `sampling`'s settings, so `pipeline("text-generation")` samples
     as the notebook did. A LoRA model is exported merged into a plain GPT2LMHeadModel, or as the
     adapter alone (`lora_export="adapter"`, loaded with peft's AutoPeftModelForCausalLM). The
     weights are saved in `export_dtype` ("float32", "float16" or "bfloat16"; an adapter stays as
-    trained), `model` itself untouched. The directory is swapped in whole, so a kill mid-export
-    keeps the previous export. With `export_gguf`, `final_model.gguf` is written beside it, in
-    the same dtype, for llama.cpp.
+    trained), `model` itself untouched. With `export_gguf`, `model.gguf` is written in it, in the
+    same dtype, for llama.cpp; `extra(directory)` adds what else belongs (the model card). The
+    directory is filled aside and swapped in whole: an export is complete, or the previous one
+    (a kill mid-export keeps that), and what an export does not write is gone with the old one.
 
     Raises:
         ValueError: the weights hold NaN or infinity (nothing is written).
@@ -58,23 +63,41 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
     generation = generate.generation_config(sampling or SamplingConfig(prompts=()), tokenizer, model.config)
 
     def fill(directory: Path) -> None:
-        exported.save_pretrained(str(directory))
+        with _quiet_transformers():
+            exported.save_pretrained(str(directory))
         generation.save_pretrained(str(directory))
         save_portable_tokenizer(tokenizer, directory, model.config.n_positions)
+        if export_gguf:
+            gguf_export.write(directory, directory / GGUF, export_dtype)
+        if extra is not None:
+            extra(directory)
 
     path = files.atomic_directory(Path(run_dir) / FINAL_MODEL, fill)
-    log.info("exported %s%s", path, " (LoRA adapter only)" if exported is model and lora.is_lora(model) else "")
-    if export_gguf:
-        gguf_export.write(path, Path(run_dir) / FINAL_GGUF, export_dtype)
+    (Path(run_dir) / LEGACY_GGUF).unlink(missing_ok=True)  # an older export's, which this one replaces
+    if exported is model and lora.is_lora(model):
+        log.info("the LoRA adapter alone is exported (lora_export='adapter')")
     return path
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own progress bars ("Writing model shards") off for a small model's save."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def final_model_of_run(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: RunConfig) -> Path:
-    """The notebook's export: `final_model` with the run's settings, then its model card."""
-    path = final_model(model, tokenizer, cfg.output_dir, cfg.sampling, cfg.lora_export, cfg.export_dtype,
-                       cfg.export_gguf)
-    publish.write_card(path, cfg, chat=bool(getattr(tokenizer, "chat_template", None)))
-    return path
+    """The notebook's export: `final_model` with the run's settings and its model card."""
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    return final_model(model, tokenizer, cfg.output_dir, cfg.sampling, cfg.lora_export, cfg.export_dtype,
+                       cfg.export_gguf, extra=lambda directory: publish.write_card(directory, cfg, chat))
 
 
 def save_portable_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path, n_positions: int) -> None:
@@ -109,7 +132,7 @@ def summary(run_dir: Path) -> str:
     lines = [f"outputs in {run_dir}:"]
     for path in sorted(run_dir.rglob("*")):
         if path.is_file() and "data_cache" not in path.parts and not path.name.startswith("."):
-            lines.append(f"  {path.relative_to(run_dir)}  {path.stat().st_size / 2**20:.2f} MB")
+            lines.append(f"  {path.relative_to(run_dir)}  {console.size(path.stat().st_size)}")
     lines.append(f'load it: transformers.pipeline("text-generation", model="{run_dir / FINAL_MODEL}")')
     last = (read_history(run_dir) or [{}])[-1]
     if "hellaswag_accuracy" in last:

@@ -1,4 +1,4 @@
-"""`final_model.gguf`: a GPT-2 in Hugging Face format, as llama.cpp reads it.
+"""`final_model/model.gguf`: a GPT-2 in Hugging Face format, as llama.cpp reads it.
 
 The layout is llama.cpp's own for GPT-2 (`convert_hf_to_gguf.py`, class GPT2Model): the `gguf`
 package's tensor-name map, the Conv1D matrices transposed to (out, in), the tied head written

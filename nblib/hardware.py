@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
+from .console import ConfigError, Unsupported
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def detect(precision: str = "auto", devices: str | int = "auto") -> Device:
     check_kernels(props.name, capability, torch.cuda.get_arch_list())
     count = torch.cuda.device_count()
     if devices != "auto" and devices > count:
-        raise ValueError(f"devices={devices}: this machine has {count} GPU(s); on Kaggle choose "
+        raise ConfigError(f"devices={devices}: this machine has {count} GPU(s); on Kaggle choose "
                          "Accelerator: GPU T4 x2 for two, or use devices='auto'")
     return Device(torch.device("cuda", 0), _gpu_precision(precision, capability),
                   gpu_name=props.name, compute_capability=capability,
@@ -120,7 +121,7 @@ def check_kernels(name: str, capability: tuple[int, int], arch_list: list[str]) 
     runs = any(a == f"sm_{major}{m}" for a in arch_list for m in range(minor + 1)) or any(
         a.startswith("compute_") and int(a[len("compute_"):]) <= major * 10 + minor for a in arch_list)
     if not runs:
-        raise RuntimeError(
+        raise Unsupported(
             f"the installed PyTorch {torch.__version__} has no kernels for this GPU ({name}, compute "
             f"capability {major}.{minor}; it was built for {' '.join(arch_list)}). On Kaggle, open the "
             "notebook's settings and choose Accelerator: GPU T4.")
@@ -143,7 +144,7 @@ def cpu_check(cfg: RunConfig, device: Device) -> str:
                 f"{CPU_TOKENS_PER_SECOND} tokens/s (measured on a 2-core CPU) its {tokens / 1e6:,.0f}M "
                 f"training tokens would take about {hours:,.0f} hours.")
     if not t.max_steps and not cfg.dry_run:
-        raise ValueError(f"{estimate} On Kaggle: Settings -> Accelerator -> GPU T4 x2, then Run All. "
+        raise ConfigError(f"{estimate} On Kaggle: Settings -> Accelerator -> GPU T4 x2, then Run All. "
                          "Here: preset='cpu-demo' (about 10 minutes on a CPU), or set max_steps to "
                          "train this preset for that many steps on the CPU anyway.")
     return f"WARNING: {estimate} Choose GPU T4 x2 in the notebook's settings, or use preset='cpu-demo'."
@@ -161,7 +162,7 @@ def _cpu_precision(precision: str, features: tuple[str, ...]) -> str:
 
 def _gpu_precision(precision: str, capability: tuple[int, int]) -> str:
     if precision == "bf16" and capability < (8, 0):
-        raise ValueError(f"precision='bf16': this GPU (compute capability "
+        raise ConfigError(f"precision='bf16': this GPU (compute capability "
                          f"{capability[0]}.{capability[1]}) has no fast bf16; use 'auto' or "
                          "'fp16' (the T4 is 7.5)")
     if precision == "auto":

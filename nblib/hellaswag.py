@@ -11,6 +11,7 @@ Internet on) or from a local file in HellaSwag's own JSONL format, one item per 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import RunConfig
+from .console import DataError
 from .evaluation import add_to_history
 from .hardware import Device
 
@@ -52,11 +54,20 @@ class Score:
 
 
 def spec_problems(source: str) -> list[str]:
-    """eval_hellaswag naming a file that is not there (checked before training, not after)."""
-    if source in ("", HUB) or Path(source).expanduser().is_file():
+    """eval_hellaswag naming a file that is not there, is empty, or holds a line that is not a
+    HellaSwag item (every line is read, at setup: not after a night of training)."""
+    if source in ("", HUB):
         return []
-    return [f"eval_hellaswag={source!r}: no such file; give HellaSwag's validation JSONL "
-            f"(hellaswag_val.jsonl), \"{HUB}\" for {HUB_DATASET} on the Hub, or \"\" to skip it"]
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return [f"eval_hellaswag={source!r}: no such file; give HellaSwag's validation JSONL "
+                f"(hellaswag_val.jsonl), \"{HUB}\" for {HUB_DATASET} on the Hub, or \"\" to skip it"]
+    try:
+        if not list(_local_items(path)):
+            return [f"eval_hellaswag={source!r}: the file holds no item; a score over nothing is no score"]
+    except DataError as error:
+        return [str(error)]
+    return []
 
 
 def evaluate_run(model: torch.nn.Module, tokenizer, device: Device, cfg: RunConfig) -> Score:
@@ -75,35 +86,53 @@ def load_items(source: str, limit: int = 0) -> list[Item]:
     keeps the first `limit`.
 
     Raises:
-        ValueError: a missing file, or a line that is not a HellaSwag item (named by its number).
+        console.DataError: a missing or empty file, or a line that is not a HellaSwag item (named
+            by its number).
     """
     if source == HUB:
         import datasets
 
-        rows: Iterable[dict] = datasets.load_dataset(HUB_DATASET, split="validation")
+        rows = datasets.load_dataset(HUB_DATASET, split="validation")
+        items = (_item(row, f"{HUB_DATASET}, row {number}") for number, row in enumerate(rows, start=1))
     else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise ValueError(f"eval_hellaswag={source!r}: no such file; give HellaSwag's validation "
-                             f"JSONL (hellaswag_val.jsonl) or \"{HUB}\" for {HUB_DATASET} on the Hub")
-        rows = _read_jsonl(path)
-    items = []
-    for number, row in enumerate(rows, start=1):
-        try:
-            items.append(Item(row["ctx"], tuple(row["endings"]), int(row["label"])))
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"eval_hellaswag={source!r}: item {number} is not a HellaSwag item "
-                             f"({error!r}); each needs ctx, endings and label") from error
-        if len(items) == limit:
-            break
-    return items
+        problems = spec_problems(source)
+        if problems:
+            raise DataError(problems[0])
+        items = _local_items(Path(source).expanduser())
+    chosen = list(itertools.islice(items, limit or None))
+    if not chosen:
+        raise DataError(f"eval_hellaswag={source!r}: no item to score; a score over nothing is no score")
+    return chosen
 
 
-def _read_jsonl(path: Path) -> Iterable[dict]:
+def _local_items(path: Path) -> Iterable[Item]:
     with path.open(encoding="utf-8") as lines:
-        for line in lines:
+        for number, line in enumerate(lines, start=1):
             if line.strip():
-                yield json.loads(line)
+                where = f"eval_hellaswag={str(path)!r}, line {number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
+                yield _item(row, where)
+
+
+def _item(row, where: str) -> Item:
+    """A HellaSwag item, checked: a context, four endings as strings, a label from 0 to 3."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: not a JSON object with ctx, endings and label")
+    context, endings, label = row.get("ctx"), row.get("endings"), row.get("label")
+    if isinstance(label, str) and label.strip().isdigit():  # the Hub's labels are strings
+        label = int(label)
+    problems = [] if isinstance(context, str) else ["ctx must be a string"]
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+        problems.append(f"endings must be a list of four strings, not {type(endings).__name__} "
+                        f"{str(endings)[:40]!r}")
+    if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < 4):
+        problems.append(f"label must be 0, 1, 2 or 3, not {label!r}")
+    if problems:
+        raise DataError(f"{where}: not a HellaSwag item: {'; '.join(problems)}")
+    return Item(context, tuple(endings), label)
 
 
 def score(model: torch.nn.Module, tokenizer, items: list[Item], device: Device, source: str = "") -> Score:

@@ -12,30 +12,57 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from . import contract, data, hardware, launch, lock, model, params, state, train
+from . import console, launch, params
+from .run import start
+from .outcome import RunResult
+
+log = logging.getLogger(__name__)
 
 
-def run(values: Mapping[str, Any]) -> train.RunResult:
-    """Resolve `values` (notebook parameters by name), prepare the data, build the model and train it: the notebook's cells
-    from setup to train, with no export."""
-    cfg = params.resolve(values)
+class _Loader(yaml.SafeLoader):
+    """YAML as papermill's -p reads numbers: `3e-4` is a float (YAML 1.1 wants `3.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def run(values: Mapping[str, Any]) -> RunResult | None:
+    """Every cell of the notebook, as Run All does: setup, data, model, train, the test split,
+    the curves, the export (with `export_gguf`, the GGUF), HellaSwag, samples, the upload and the
+    summary. Under torchrun each process trains its share and rank 0 writes; the cells after
+    training are the notebook's, not the job's, there (a warning says which are skipped). None
+    after a dry run."""
     if launch.under_torchrun():  # torchrun started this process, and the others
-        return launch.torchrun_worker(cfg)
-    device = hardware.detect(cfg.train.precision, cfg.devices)
-    state.seed_everything(cfg.train.seed)
-    taken = lock.hold(cfg.output_dir)
-    try:
-        logging.getLogger(__name__).info(contract.preview(cfg, device.world_size))
-        corpus = data.prepare(cfg)
-        return launch.fit(cfg, device, model.build(cfg.model, corpus.tokenizer), corpus)
-    finally:
-        if taken:  # a notebook that held the folder already keeps it
-            lock.release(cfg.output_dir)
+        cfg = params.resolve(values)
+        skipped = [name for name in ("export_gguf", "upload_to", "eval_hellaswag") if getattr(cfg, name)]
+        if skipped and int(os.environ["RANK"]) == 0:
+            log.warning("under torchrun the job trains and checkpoints only: %s not done; run "
+                        "`python -m nblib.job` on the same parameters afterwards (it resumes the "
+                        "finished run and exports)", ", ".join(skipped))
+        result = launch.torchrun_worker(cfg)
+        if int(os.environ["RANK"]) == 0:  # rank 0 speaks for the run
+            print(result.describe(), flush=True)
+        return result
+    notebook = start(values)
+    corpus = notebook.data()
+    model = notebook.model(corpus)
+    result = notebook.train(model, corpus)
+    notebook.evaluate(model, corpus)
+    notebook.curves()
+    final_dir = notebook.export(model, corpus)
+    notebook.hellaswag(model, corpus)
+    notebook.generate(model, corpus)
+    notebook.publish(final_dir)
+    notebook.summary()
+    return result
 
 
 def load_values(path: Path | None, settings: list[str]) -> dict[str, Any]:
@@ -43,10 +70,12 @@ def load_values(path: Path | None, settings: list[str]) -> dict[str, Any]:
 
     Raises:
         ValueError: a file that is not a mapping of names, or a setting without `=`.
+        yaml.YAMLError: a file that is not YAML, naming the file and the line.
     """
     values = {}
     if path is not None:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open(encoding="utf-8") as stream:  # the stream's name goes into YAML's errors
+            loaded = yaml.load(stream, Loader=_Loader)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: not a mapping of parameter names to values "
                              "(a YAML file such as notebooks/params/cpu-demo.yaml)")
@@ -55,7 +84,7 @@ def load_values(path: Path | None, settings: list[str]) -> dict[str, Any]:
         name, equals, value = setting.partition("=")
         if not equals or not name.strip():
             raise ValueError(f"--set {setting!r}: write --set name=value, e.g. --set max_steps=200")
-        values[name.strip()] = yaml.safe_load(value) if value else ""
+        values[name.strip()] = yaml.load(value, Loader=_Loader) if value else ""
     return values
 
 
@@ -68,17 +97,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--show-config", action="store_true",
                         help="print the resolved configuration and exit without training")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console.show_logs()
     try:
         values = load_values(args.params, args.settings)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        parser.exit(2, f"error: {error}\n")
+    try:
         if args.show_config:
             print(params.resolve(values).to_json(), flush=True)
             return
-    except (OSError, ValueError, yaml.YAMLError) as error:
-        parser.exit(2, f"error: {error}\n")
-    result = run(values)
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for the run
-        print(result.describe(), flush=True)
+        run(values)
+    except console.Refusal as refusal:  # a bad parameter or data file: its message, not a traceback
+        parser.exit(2, f"error: {refusal}\n")
 
 
 if __name__ == "__main__":

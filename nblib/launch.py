@@ -61,7 +61,7 @@ def spawn(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus
     model.to(device.device)  # where the notebook's next cells expect it
     return train.RunResult(final, train.StopReason(outcome["stop_reason"]), cfg.output_dir,
                            outcome["elapsed_seconds"], signal_name or outcome["signal_name"],
-                           outcome["total_steps"])
+                           outcome["total_steps"], outcome["first_step"], outcome["first_tokens"])
 
 
 def _supervise(cfg, device: Device, weights: Path, cache_dir: Path, scratch: Path) -> tuple[dict, str | None]:
@@ -136,7 +136,8 @@ def _worker(rank: int, world_size: int, port: int, cfg, device: Device, weights:
             messages.put(("result", {
                 "stop_reason": result.stop_reason.value, "elapsed_seconds": result.elapsed_seconds,
                 "signal_name": result.signal_name, "saved": str(result.saved),
-                "total_steps": result.total_steps}))
+                "total_steps": result.total_steps, "first_step": result.first_step,
+                "first_tokens": result.first_tokens}))
     finally:
         dist.destroy_process_group()
 

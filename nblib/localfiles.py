@@ -7,7 +7,9 @@ import itertools
 import json
 from pathlib import Path
 
+from . import chat
 from .config import DataConfig
+from .console import DataError
 from .sources import expand, is_chat, is_local_dataset
 
 
@@ -23,33 +25,57 @@ def check_files(cfg: DataConfig) -> None:
 
 
 def check_records(cfg: DataConfig, lines: int = 1000) -> None:
-    """The first `lines` records of each JSON-lines file of text hold a string (or nothing) under
-    the text column; the loaded column's type is checked too. Conversations are checked as they
-    are tokenized (chat.checked).
+    """Each JSON-lines file's records, before anything reads them (a tokenizer trains on them
+    first): a record of text holds a string (or nothing) under the text column, in its first
+    `lines` lines; a conversation (a `messages` list, or the instruction and response columns)
+    is checked on every line, so its file's line is named.
 
     Raises:
-        ValueError: naming the file and line.
+        console.DataError: naming the file and line, and the fix.
     """
     for path in _local_files(cfg):
-        if path.suffix != ".jsonl" or cfg.data_format == "chat":
+        if path.suffix != ".jsonl":
             continue
         with open(path, encoding="utf-8") as f:
-            for number, line in zip(range(1, lines + 1), f):
-                try:
-                    record = json.loads(line) if line.strip() else {}
-                    value = record.get(cfg.text_column, "")
-                except (ValueError, AttributeError):
-                    raise ValueError(f"dataset={cfg.dataset!r}: {path}:{number} is not a JSON object on "
-                                     "one line (JSON lines: one object per line)") from None
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                record = _record(line, f"dataset={cfg.dataset!r}: {path}:{number}")
                 if is_chat(list(record), cfg):
-                    break
-                if value is None:
-                    raise ValueError(f"dataset={cfg.dataset!r}: {path}:{number} has null for "
-                                     f"{cfg.text_column!r}; give the record text or remove it")
-                if not isinstance(value, str):
-                    raise ValueError(f"text_column={cfg.text_column!r}: {path}:{number} holds "
-                                     f"{type(value).__name__} {repr(value)[:40]} there, not text; "
-                                     "name the column that holds the text with text_column")
+                    _check_conversation(record, cfg, f"dataset={cfg.dataset!r}: {path}:{number}")
+                elif number <= lines:
+                    _check_text_record(record, cfg, f"{path}:{number}")
+
+
+def _record(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is not a JSON object on one line (JSON lines: one object per line)")
+    return record
+
+
+def _check_conversation(record: dict, cfg: DataConfig, where: str) -> None:
+    if "messages" in record:
+        chat.checked(record["messages"], where)
+        return
+    for column in (cfg.instruction_column, cfg.response_column):
+        if not isinstance(record.get(column), str):
+            raise DataError(f"{where}: {column!r} holds {type(record.get(column)).__name__} "
+                            f"{str(record.get(column))[:40]!r}, not text; give every line a text "
+                            f"{column!r}, or remove the line")
+
+
+def _check_text_record(record: dict, cfg: DataConfig, where: str) -> None:
+    value = record.get(cfg.text_column, "")
+    if value is None:
+        raise DataError(f"dataset={cfg.dataset!r}: {where} has null for {cfg.text_column!r}; give the "
+                        "record text or remove it")
+    if not isinstance(value, str):
+        raise DataError(f"text_column={cfg.text_column!r}: {where} holds {type(value).__name__} "
+                        f"{repr(value)[:40]} there, not text; name the column that holds the text with text_column")
 
 
 def _local_files(cfg: DataConfig) -> list[Path]:
@@ -66,7 +92,7 @@ def _check_text(path: Path, spec: str) -> None:
             try:
                 text = decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as error:
-                raise ValueError(
+                raise DataError(
                     f"dataset={spec!r}: {path} is not UTF-8 text: the byte {error.object[error.start]:#04x} "
                     f"at offset {offset - buffered + error.start:,} cannot be decoded ({error.reason}). "
                     f"Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > "
@@ -74,5 +100,5 @@ def _check_text(path: Path, spec: str) -> None:
             blank = blank and not text.strip()
             offset += len(chunk)
     if blank:
-        raise ValueError(f"dataset={spec!r}: {path} is empty ({offset} bytes, no text); fill it, or "
+        raise DataError(f"dataset={spec!r}: {path} is empty ({offset} bytes, no text); fill it, or "
                          "remove it from the dataset's files")

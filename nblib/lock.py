@@ -17,6 +17,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from . import files
+from .console import Refusal
 
 LOCK_FILE = ".nblib.lock"
 HOLDER_FILE = ".nblib.lock.json"
@@ -24,7 +25,7 @@ HOLDER_FILE = ".nblib.lock.json"
 _held: dict[Path, FileLock] = {}  # this process's locks: re-running a cell must not lock itself out
 
 
-class RunDirectoryBusy(RuntimeError):
+class RunDirectoryBusy(Refusal, RuntimeError):
     """Another live process is running in this output_dir."""
 
 

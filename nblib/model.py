@@ -16,6 +16,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
 from . import lora
 from .config import SCRATCH, ModelConfig
+from .console import ConfigError
 
 VOCAB_MULTIPLE = 64
 VOCAB_KEYS = ("transformer.wte.weight", "lm_head.weight")  # tied: one tensor, two names
@@ -26,7 +27,7 @@ def gpt2_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2Con
     rows are that size padded to a multiple of VOCAB_MULTIPLE (`unpadded_vocab_size` keeps it)."""
     vocab_size = cfg.vocab_size or len(tokenizer)
     if vocab_size < len(tokenizer):
-        raise ValueError(f"vocab_size={vocab_size}: smaller than the tokenizer's "
+        raise ConfigError(f"vocab_size={vocab_size}: smaller than the tokenizer's "
                          f"{len(tokenizer)} tokens; use None to take the tokenizer's size")
     return GPT2Config(
         vocab_size=-(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
@@ -46,7 +47,7 @@ def build(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> GPT2LMHeadMod
     model = GPT2LMHeadModel.from_pretrained(cfg.init_from, resid_pdrop=cfg.dropout,
                                             embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout).float()
     if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"init_from={cfg.init_from!r}: its tokenizer has {len(tokenizer)} tokens, "
+        raise ConfigError(f"init_from={cfg.init_from!r}: its tokenizer has {len(tokenizer)} tokens, "
                          f"its model {model.config.vocab_size} rows")
     model = fused_gelu(model)
     return lora.wrap(model, cfg) if cfg.lora_r else model

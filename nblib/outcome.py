@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import checkpoint
+from .console import TrainingFailed
 from .evaluation import perplexity
+from .stopping import duration
 from .state import TrainState
 
 
@@ -26,6 +29,8 @@ class RunResult:
     elapsed_seconds: float
     signal_name: str | None = None  # what interrupted the run, if anything
     total_steps: int = 0  # the run's length, which the learning-rate schedule spans
+    first_step: int = 0  # where this session's training started (a resumed run's checkpoint)
+    first_tokens: int = 0  # tokens seen before it
 
     @property
     def saved(self) -> Path:
@@ -38,25 +43,43 @@ class RunResult:
     def history(self) -> list[dict]:
         return self.state.history
 
+    def headline(self) -> str:
+        """What happened, where the run is, and what to do next: one line."""
+        s, emergency = self.state, self.run_dir / checkpoint.EMERGENCY
+        at = f"at step {s.step:,} of {self.total_steps:,}"
+        again = "run again to continue (resume_from_checkpoint='auto')"
+        if self.stop_reason is StopReason.COMPLETED and self.steps_trained == 0:
+            return (f"nothing left to train: the run in {self.run_dir} has done {s.step:,} of its "
+                    f"{self.total_steps:,} steps; raise max_steps (or epochs, with max_steps=0) to train more")
+        return {
+            StopReason.COMPLETED: f"completed {at}",
+            StopReason.TIME_BUDGET: f"stopped at the time budget {at}, checkpoint saved; in the next session, {again}",
+            StopReason.INTERRUPTED: (f"interrupted by {self.signal_name or 'a signal'} {at}: saved {emergency}; "
+                                     f"{again}"),
+            StopReason.BAD_LOSS: (f"stopped {at} after {s.bad_streak} steps in a row with a non-finite loss: "
+                                  f"saved {emergency} from the last good weights; lower learning_rate, then {again}"),
+            StopReason.OUT_OF_MEMORY: (f"out of memory {at} even with a micro-batch of 1: saved {emergency}; "
+                                       "reduce max_length, n_embd or n_layer"),
+        }[self.stop_reason]
+
+    @property
+    def steps_trained(self) -> int:
+        """Optimizer steps taken in this session (a resumed run's earlier ones not counted)."""
+        return self.state.step - self.first_step
+
     def describe(self) -> str:
-        """What happened, and what to do next."""
+        """The headline, then this session's work and the run's best validation loss."""
         s = self.state
-        facts = (f"{s.step} steps, {s.tokens_seen:,} tokens in {self.elapsed_seconds:.0f} s, "
-                 f"{s.skipped_steps} skipped; best validation loss {s.best_val_loss:.4f} "
-                 f"(perplexity {perplexity(s.best_val_loss):.1f}){self._memory()}")
-        emergency = self.run_dir / checkpoint.EMERGENCY
-        resume = "resume with resume_from_checkpoint='auto'"
-        advice = {
-            StopReason.COMPLETED: "completed",
-            StopReason.TIME_BUDGET: f"stopped at the time budget; {resume}",
-            StopReason.INTERRUPTED: f"interrupted by {self.signal_name or 'a signal'}: saved {emergency}; {resume}",
-            StopReason.BAD_LOSS: (f"stopped after {s.bad_streak} steps in a row with a non-finite "
-                                  f"loss: saved {emergency} from the last good weights; lower "
-                                  f"learning_rate, then {resume}"),
-            StopReason.OUT_OF_MEMORY: (f"out of memory even with a micro-batch of 1: saved "
-                                       f"{emergency}; reduce max_length, n_embd or n_layer"),
-        }
-        return f"{advice[self.stop_reason]}: {facts}"
+        lines = [self.headline()]
+        if self.steps_trained:
+            tokens = s.tokens_seen - self.first_tokens
+            skipped = f", {s.skipped_steps:,} skipped in the run" if s.skipped_steps else ""
+            lines.append(f"this session: steps {self.first_step + 1:,} to {s.step:,} ({self.steps_trained:,} steps, "
+                         f"{tokens:,} tokens) in {duration(self.elapsed_seconds)}{skipped}")
+        best = (f"best validation loss {s.best_val_loss:.4f} (perplexity {perplexity(s.best_val_loss):.1f})"
+                if math.isfinite(s.best_val_loss) else "no evaluation yet (the first comes at eval_steps)")
+        lines.append(f"the run: {best}{self._memory()}")
+        return "\n".join(lines)
 
     def _memory(self) -> str:
         """The peak memory of the first and the last evaluation (this process's, rank 0's)."""
@@ -72,6 +95,10 @@ class RunResult:
 
     def raise_if_failed(self) -> None:
         """Stop a notebook's Run All (and fail papermill) after a bad-loss streak or an OOM at
-        micro-batch 1; the emergency checkpoint is already saved."""
+        micro-batch 1; the emergency checkpoint is already saved.
+
+        Raises:
+            console.TrainingFailed: its message the headline, with what to change.
+        """
         if self.stop_reason in (StopReason.BAD_LOSS, StopReason.OUT_OF_MEMORY):
-            raise RuntimeError(self.describe())
+            raise TrainingFailed(self.headline())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from . import config, paths
+from .console import ConfigError
 from .config import PRESET_VALUES, PRESETS, SCRATCH, RunConfig
 
 DEFAULTS: dict[str, Any] = {
@@ -69,14 +70,15 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
     unknown = [_unknown(name) for name in sorted(passed_names(params) - set(PARAMETERS))
                if not name.startswith("PAPERMILL_")]  # papermill --inject-paths adds these
     if unknown:
-        raise ValueError(_format(unknown))
+        raise ConfigError(_format(unknown))
     explicit = {k: params[k] for k in PARAMETERS if params.get(k) is not None}
     preset = explicit.get("preset", DEFAULTS["preset"])
     if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: must be one of {', '.join(PRESETS)}")
+        raise ConfigError(f"preset={preset!r}: must be one of {', '.join(PRESETS)}")
     merged = {**DEFAULTS, **PRESET_VALUES[preset], **explicit}
     if "dataset_config" not in explicit and merged["dataset"] != PRESET_VALUES[preset]["dataset"]:
         merged["dataset_config"] = ""  # the preset's configuration belongs to the preset's dataset
+    merged = {name: _number_from_text(name, value) for name, value in merged.items()}
     problems = [problem for name in PARAMETERS for problem in _type_problem(name, merged[name])]
     if not problems and merged["init_from"] != SCRATCH:
         from . import model  # transformers: imported only when there is a pretrained model to read
@@ -85,11 +87,11 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
     if not problems:
         problems = [f"{name}='': {why}" for name, why in _NOT_EMPTY.items() if merged[name] == ""]
     if problems:
-        raise ValueError(_format(problems))
+        raise ConfigError(_format(problems))
     cfg = _build(preset, merged)
     problems = config.validate(cfg) or probe(cfg)  # the rules first: they answer at once
     if problems:
-        raise ValueError(_format(problems))
+        raise ConfigError(_format(problems))
     return cfg
 
 
@@ -157,6 +159,18 @@ def _field_types() -> dict[str, Any]:
 
 
 _FIELD_TYPES = _field_types()
+
+
+def _number_from_text(name: str, value: Any) -> Any:
+    """A number parameter given as text that reads as one: `3e-4` from papermill's -f YAML (YAML
+    1.1 floats need a dot, so it arrives as a string) is what papermill's -p makes of it."""
+    expected = parameter_type(name)
+    if isinstance(value, str) and _conforms(0.5, expected) and not _conforms("", expected):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _type_problem(name: str, value: Any) -> list[str]:

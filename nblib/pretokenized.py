@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .sources import SPLITS, held_out, split_of
+from .console import DataError
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,11 @@ def _validated(line: str, key: str, vocab_size: int, where: str) -> list[int]:
     try:
         ids = json.loads(line)[key]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{where}: expected a JSON object with a {key!r} list ({error})") from None
+        raise DataError(f"{where}: expected a JSON object with a {key!r} list ({error})") from None
     if not isinstance(ids, list) or not ids:
-        raise ValueError(f"{where}: {key!r} must be a non-empty list of token ids")
+        raise DataError(f"{where}: {key!r} must be a non-empty list of token ids")
     bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
     if bad:
-        raise ValueError(f"{where}: token id {bad[0]!r} is outside the tokenizer's vocabulary "
+        raise DataError(f"{where}: token id {bad[0]!r} is outside the tokenizer's vocabulary "
                          f"[0, {vocab_size})")
     return ids

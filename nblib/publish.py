@@ -78,7 +78,7 @@ def _card(cfg: RunConfig, history: list[dict], chat: bool, curves: bool, gguf: b
               else [f"print(generate({(cfg.sampling.prompts or ('Once',))[0]!r})[0][\"generated_text\"])"])
     lines += ["```", ""]
     if gguf:
-        lines += ["`final_model.gguf`, beside this folder in the run's output, runs in llama.cpp.", ""]
+        lines += ["`model.gguf`, in this folder, runs in llama.cpp (`llama-cli -m model.gguf`).", ""]
     if curves:
         lines += ["## Training curves", "", f"![loss and validation perplexity]({CURVES})", ""]
     lines += [f"The full configuration is in `{CONFIG_COPY}`.", ""]

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import chat
 from .config import BUILTIN_DATASETS, DataConfig
+from .console import DataError, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def _complete_splits(dsd: datasets.DatasetDict, seed: int) -> datasets.DatasetDi
     doc_ids = np.maximum(np.cumsum(np.asarray(starts, dtype=bool)) - 1, 0)
     n_docs = int(doc_ids[-1]) + 1 if len(doc_ids) else 0  # rows before the first start join doc 0
     if n_docs < 3:
-        raise ValueError(f"the dataset has {n_docs} document(s) and no {'/'.join(missing)} "
+        raise DataError(f"the dataset has {n_docs} document(s) and no {'/'.join(missing)} "
                          "split: at least 3 documents are needed to hold some out")
     row_split = held_out(n_docs, missing, seed)[doc_ids]
     out = {name: dsd[name] for name in SPLITS if name in dsd}
@@ -133,12 +134,12 @@ def _load_hub(cfg: DataConfig) -> datasets.DatasetDict:
     except ValueError as error:
         if "BuilderConfig" not in str(error):
             raise
-        raise ValueError(  # the Hub answered: the dataset has no such configuration
+        raise DataError(  # the Hub answered: the dataset has no such configuration
             f"dataset_config={cfg.dataset_config!r}: not a configuration of dataset={cfg.dataset!r} "
             f"({str(error).splitlines()[0]}); set dataset_config to one of those, or \"\" for "
             "none") from error
     except Exception as error:  # the Hub raises many types; re-raise with the fix attached
-        raise RuntimeError(
+        raise Unreachable(
             f"could not load dataset={cfg.dataset!r} (config {cfg.dataset_config!r}) from the "
             "Hugging Face Hub. On Kaggle, turn Internet on in the notebook's settings; offline, "
             "pass a local path or 'builtin:python-docs'.") from error
@@ -171,7 +172,7 @@ def _load_files(spec: str) -> datasets.DatasetDict:
     files = expand(spec)
     suffixes = {p.suffix for p in files}
     if not files or len(suffixes) != 1 or not suffixes <= set(LOADERS):
-        raise ValueError(f"dataset={spec!r}: expected .txt, .jsonl or .parquet files of one kind, "
+        raise DataError(f"dataset={spec!r}: expected .txt, .jsonl or .parquet files of one kind, "
                          f"found {sorted(suffixes) or 'none'}")
     by_split = {}
     for path in files:
@@ -191,18 +192,27 @@ def _normalise(dsd: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDi
             out[canonical] = _conversations(split, cfg)
             continue
         if cfg.text_column not in split.column_names:
-            raise ValueError(f"text_column={cfg.text_column!r}: not a column of dataset="
-                             f"{cfg.dataset!r} (its columns: {split.column_names})")
+            raise DataError(f"text_column={cfg.text_column!r}: not a column of dataset="
+                            f"{cfg.dataset!r} (its columns: {split.column_names}){_pair_hint(split)}")
         if not _is_text(split.features[cfg.text_column]):
             texts = [name for name, feature in split.features.items() if _is_text(feature)]
-            raise ValueError(f"text_column={cfg.text_column!r}: dataset={cfg.dataset!r} holds "
+            raise DataError(f"text_column={cfg.text_column!r}: dataset={cfg.dataset!r} holds "
                              f"{_kind(split.features[cfg.text_column])} there, not text (its text "
                              f"columns: {texts or 'none'})")
         split = split.select_columns([cfg.text_column])
         out[canonical] = split.rename_column(cfg.text_column, "text") if cfg.text_column != "text" else split
     if "train" not in out:
-        raise ValueError(f"dataset={cfg.dataset!r} has no train split (its splits: {list(dsd)})")
+        raise DataError(f"dataset={cfg.dataset!r} has no train split (its splits: {list(dsd)})")
     return datasets.DatasetDict(out)
+
+
+def _pair_hint(split: datasets.Dataset) -> str:
+    """For two or more text columns and no text column: how to read them as conversations."""
+    texts = [name for name, feature in split.features.items() if _is_text(feature)]
+    if len(texts) < 2:
+        return ""
+    return (f". If these are conversations, set data_format='chat', instruction_column={texts[0]!r} and "
+            f"response_column={texts[1]!r}; if text, name its column with text_column")
 
 
 def is_chat(columns: list[str], cfg: DataConfig) -> bool:
@@ -223,7 +233,7 @@ def _conversations(split: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset
         return split.map(lambda batch: {"messages": chat.from_columns(
             batch[cfg.instruction_column], batch[cfg.response_column])},
             batched=True, remove_columns=columns, desc="conversations from columns")
-    raise ValueError(f"data_format={cfg.data_format!r}: dataset={cfg.dataset!r} has no 'messages' column "
+    raise DataError(f"data_format={cfg.data_format!r}: dataset={cfg.dataset!r} has no 'messages' column "
                      f"and not both instruction_column={cfg.instruction_column!r} and response_column="
                      f"{cfg.response_column!r} (its columns: {columns}); name them, or use "
                      "data_format='text'")

@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .console import Refusal
+
 log = logging.getLogger(__name__)
 
 RECENT_STEPS = 25  # the step time is their median: warm-up and compile outliers drop out
@@ -52,6 +54,10 @@ class InterruptFlag:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+class BudgetSpent(Refusal, RuntimeError):
+    """The time budget is used up before the first step of this session."""
 
 
 @dataclass
@@ -104,7 +110,7 @@ class TimeBudget:
         would export untrained weights as if it had trained."""
         if self.exhausted():
             began = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
-            raise RuntimeError(
+            raise BudgetSpent(
                 f"the time budget (time_budget_minutes={self.minutes:g}) counted from this session's "
                 f"start at {began} (on Kaggle the container's, elsewhere the kernel's) is used up "
                 "before the first step: continue in a new session (on Kaggle, Save Version and run "

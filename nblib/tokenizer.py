@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from tqdm.auto import tqdm
+
 from .config import BPE_SPEC, GPT2_TOKENIZER, GPT2_TOKENIZERS, GPT2_VOCAB_SIZE
+from .console import ConfigError, Unreachable
 
 if TYPE_CHECKING:  # transformers itself loads with the first tokenizer, not with the spec checks
     from transformers import PreTrainedTokenizerFast
@@ -26,10 +30,10 @@ def load(spec: str, training_texts: Iterable[str] = ()) -> PreTrainedTokenizerFa
 
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except OSError as error:
-        raise RuntimeError(f"could not load tokenizer={spec!r}: on Kaggle turn Internet on for "
+        raise Unreachable(f"could not load tokenizer={spec!r}: on Kaggle turn Internet on for "
                            "Hub ids; offline use 'bpe:<vocab size>' or a saved directory") from error
     if not tokenizer.is_fast or tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer={spec!r}: need a fast tokenizer with an end-of-text "
+        raise ConfigError(f"tokenizer={spec!r}: need a fast tokenizer with an end-of-text "
                          f"(eos) token, got {type(tokenizer).__name__} eos={tokenizer.eos_token!r}")
     return tokenizer
 
@@ -39,9 +43,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=[END_OF_TEXT], show_progress=False)
-    log.info("trained a byte-level BPE with %d tokens", bpe.get_vocab_size())
+    log.info("training a byte-level BPE of %s tokens on the training split: the bar counts the text "
+             "read; the merges after it take about as long again", f"{vocab_size:,}")
+    started = time.perf_counter()
+    read = tqdm(texts, desc="BPE: reading", unit=" texts", mininterval=2.0)
+    bpe.train_from_iterator(read, vocab_size=vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT],
+                            show_progress=False)
+    read.close()
+    log.info("trained a byte-level BPE with %d tokens in %.0f s", bpe.get_vocab_size(), time.perf_counter() - started)
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=END_OF_TEXT,

@@ -13,6 +13,7 @@ import torch
 
 from . import checkpoint, collectives, contract, files, generate, mfu, oom, progress, report, stopping
 from .config import RunConfig
+from .console import ConfigError
 from .data import Corpus
 from .hardware import Device, peak_memory
 from .state import TrainState, capture_rng, global_batch_of
@@ -31,7 +32,7 @@ def total_steps(cfg: RunConfig, n_train_blocks: int, global_batch: int) -> int:
     """`max_steps`, or `epochs` full passes of `global_batch` blocks per step when it is 0."""
     per_epoch = n_train_blocks // global_batch
     if per_epoch == 0:
-        raise ValueError(f"the training split has {n_train_blocks} blocks of max_length="
+        raise ConfigError(f"the training split has {n_train_blocks} blocks of max_length="
                          f"{cfg.train.max_length}, fewer than one optimizer step's "
                          f"{global_batch}: lower batch_size, gradient_accumulation_steps "
                          "or max_length, or use more data")
@@ -88,7 +89,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, corpus.is_chat, reporter,
                time.perf_counter(), steps, budget, mfu.flops_per_token(cfg, model.config.vocab_size),
                mfu.peak_flops(device)[0])
-    first_step = state.step
+    first_step, first_tokens = state.step, state.tokens_seen
     window, reason, live = progress.Window(), StopReason.COMPLETED, progress.Curves()
     if state.step < steps:
         budget.refuse_if_spent()
@@ -136,7 +137,8 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
         _evaluate_and_record(state, ctx, window)
     _save_on_stop(reason, state, ctx)
     reporter.close()
-    return RunResult(state, reason, run_dir, time.perf_counter() - ctx.started, interrupt.signal_name, steps)
+    return RunResult(state, reason, run_dir, time.perf_counter() - ctx.started, interrupt.signal_name, steps,
+                     first_step, first_tokens)
 
 
 @dataclass(frozen=True)

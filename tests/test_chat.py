@@ -91,10 +91,10 @@ def test_chat_parameters_are_checked(tmp_path, tokenizer_dir, wikitext_file, ove
                                                 **overrides)))
 
 
-def test_a_malformed_conversation_is_named_by_its_row(tmp_path, tokenizer_dir):
+def test_a_malformed_conversation_is_named_by_its_files_line(tmp_path, tokenizer_dir):
     rows = [{"messages": conversation(random.Random(0))}] * 5 + [{"messages": [{"role": "robot", "content": "hi"}]}]
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"row \d: each message needs a role \(system, user, assistant\)"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:6: each message needs a role \(system, user, assistant\)"):
         data.prepare(params.resolve(tiny_params(tmp_path, dataset=str(tmp_path / "bad.jsonl"),
                                                 tokenizer=str(tokenizer_dir))))
 

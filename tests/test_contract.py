@@ -91,7 +91,7 @@ def test_a_changed_max_length_or_seed_is_refused_in_the_setup_cell(finished_run,
     message = str(error.value)
     assert "max_length: checkpoint 64, this run 32" in message
     assert "seed: checkpoint 42, this run 7 (the data order and the held-out split follow it)" in message
-    assert "nblib.contract.preview" in message  # the setup cell: before the data cell's work
+    assert "nblib.run.start(" in error.value.source  # the setup cell: before the data cell's work
 
 
 def test_a_changed_global_batch_is_refused_naming_the_product_to_keep(finished_run, tmp_path):
@@ -133,7 +133,7 @@ def test_a_live_kernel_rerunning_setup_to_train_applies_the_new_learning_rate(tm
     nb.cells.insert(next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])) + 1, chosen)
     code = [c for c in nb.cells if c.cell_type == "code"]
     setup, train_cell = (next(i for i, c in enumerate(code) if marker in c.source)
-                         for marker in ("nblib.params.resolve", "nblib.launch.fit"))
+                         for marker in ("nblib.run.start", "run.train("))
     nb.cells.append(nbformat.v4.new_code_cell("learning_rate = 1e-4\nmax_steps = 30"))
     client = NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     with client.setup_kernel():

@@ -47,7 +47,9 @@ def test_the_notebooks_gguf_gives_llama_cpp_the_models_logits(tmp_path, pretrain
     run = tmp_path / "run"
     values = {**finetune_params(tmp_path, pretrained_dir, wikitext_file), "max_steps": 4}
     execute(tmp_path, **values, export_gguf=True, export_dtype="float16")
-    assert_llama_cpp_agrees(run / "final_model", run / "final_model.gguf", "float16")
+    assert_llama_cpp_agrees(run / "final_model", run / "final_model" / "model.gguf", "float16")
+    execute(tmp_path, **values)  # the finished run again, without export_gguf: the export is replaced whole
+    assert (run / "final_model" / "model.safetensors").is_file() and not (run / "final_model" / "model.gguf").exists()
 
 
 @needs("gguf")

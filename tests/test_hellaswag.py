@@ -70,5 +70,5 @@ def test_limit_and_bad_input_name_the_item_or_the_file(tmp_path):
     with pytest.raises(ValueError, match="no such file; give HellaSwag's validation JSONL"):
         hellaswag.load_items(str(tmp_path / "missing.jsonl"))
     path.write_text(path.read_text() + json.dumps({"ctx": "x", "label": 0}) + "\n")
-    with pytest.raises(ValueError, match="item 5 is not a HellaSwag item"):
+    with pytest.raises(ValueError, match="line 5: not a HellaSwag item: endings must be a list of four strings"):
         hellaswag.load_items(str(path))

@@ -119,7 +119,7 @@ def test_sigint_and_sigterm_save_an_emergency_checkpoint_and_exit_cleanly(tmp_pa
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert f"interrupted by {signal.Signals(signum).name}" in output
-    assert "resume with resume_from_checkpoint='auto'" in output
+    assert "run again to continue (resume_from_checkpoint='auto')" in output
     emergency = checkpoint.load(Path(params["output_dir"]) / checkpoint.EMERGENCY)
     assert emergency["step"] == max(logged_steps(tmp_path)) < 150  # no step lost, none half-done
 

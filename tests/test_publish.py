@@ -43,7 +43,7 @@ def test_the_notebook_uploads_final_model_with_its_card(tmp_path, monkeypatch):
     assert record["handle"] == "someone/gpt2-docs/transformers/default" and record["license"] == "Apache 2.0"
     assert {"README.md", "model.safetensors", "config.json", "tokenizer.json", "training_config.json",
             "training_curves.png"} <= set(record["files"])
-    assert record["notes"].startswith("completed: 20 steps")
+    assert record["notes"].startswith("completed at step 20 of 20")
     assert "| best validation loss |" in record["card"] and "| test loss |" in record["card"]
     assert "uploaded " in text and "https://www.kaggle.com/models/someone/gpt2-docs" in text
 

@@ -39,7 +39,7 @@ def test_torchrun_trains_and_resumes_in_the_notebook_and_back(tmp_path, wikitext
     run = tmp_path / "run"
     write_params(tmp_path, wikitext_file, tokenizer_dir, max_steps=8)
     output = finished(torchrun("--nproc_per_node=2", cwd=tmp_path))
-    assert output.count("completed: 8 steps") == 1  # rank 0 alone reports
+    assert output.count("completed at step 8 of 8") == 1  # rank 0 alone reports
     assert saved_world_size(run, 8) == 2
 
     values = write_params(tmp_path, wikitext_file, tokenizer_dir, max_steps=12)
@@ -63,5 +63,5 @@ def test_two_nodes_meet_through_a_c10d_rendezvous(tmp_path, wikitext_file, token
             "--rdzv-id=nblib-test")
     first, second = torchrun(*node, cwd=tmp_path), torchrun(*node, cwd=tmp_path)
     outputs = finished(first) + finished(second)
-    assert outputs.count("completed: 8 steps") == 1
+    assert outputs.count("completed at step 8 of 8") == 1
     assert saved_world_size(tmp_path / "run", 8) == 2
