@@ -69,12 +69,14 @@ def main() -> None:
                      tokens=tokens, val_loss=evaluation.evaluate(net, val, fp32, 8)))
 
     for row in rows:
-        row.update(bench="quality", dataset=cfg.data.dataset, perplexity=round(evaluation.perplexity(row["val_loss"]), 2),
+        row.update(bench="quality", dataset=cfg.data.dataset,
+                   perplexity=round(evaluation.perplexity(row["val_loss"]), 2),
                    seconds=round(row["seconds"], 1), val_loss=round(row["val_loss"], 4))
         print(json.dumps(row))
     print(f"\n{'runner':8} {'precision':9} {'tokens':>10} {'seconds':>8} {'val loss':>9} {'perplexity':>10}")
     for r in rows:
-        print(f"{r['runner']:8} {r['precision']:9} {r['tokens']:>10,} {r['seconds']:>8} {r['val_loss']:>9} {r['perplexity']:>10}")
+        print(f"{r['runner']:8} {r['precision']:9} {r['tokens']:>10,} {r['seconds']:>8} {r['val_loss']:>9} "
+              f"{r['perplexity']:>10}")
     print(f"validation loss ratio nblib/Trainer: {rows[0]['val_loss'] / rows[1]['val_loss']:.4f}")
 
 

@@ -11,7 +11,7 @@ reducer would, with no reducer buckets held between steps.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -128,7 +128,7 @@ class RunConfig:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
     def to_json(self) -> str:
-        """The fully resolved config, as dry_run shows it."""
+        """The fully resolved config as JSON (`python -m nblib.job --show-config`)."""
         return json.dumps(self.to_dict(), indent=2)
 
     def describe(self) -> str:
@@ -140,7 +140,8 @@ class RunConfig:
             lines.append(f"{name}: {items}")
         lines.append(f"resume_from_checkpoint={self.resume_from_checkpoint!r}, devices={self.devices!r}, "
                      f"report_to={self.report_to!r}, lora_export={self.lora_export!r}, "
-                     f"export_dtype={self.export_dtype!r}, export_gguf={self.export_gguf}, upload_to={self.upload_to!r}, "
+                     f"export_dtype={self.export_dtype!r}, export_gguf={self.export_gguf}, "
+                     f"upload_to={self.upload_to!r}, "
                      f"sample_from={self.sample_from!r}, eval_hellaswag={self.eval_hellaswag!r}, "
                      f"hellaswag_items={self.hellaswag_items}, dry_run={self.dry_run}")
         began = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))

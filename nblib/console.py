@@ -5,7 +5,7 @@ Jupyter gives everything written to stderr the pink error background, so the run
 (the data, the session clock, each evaluation) go to stdout and only warnings and errors to
 stderr, in a notebook, under papermill's `--log-output` and from `python -m nblib.job` alike.
 
-A `Refusal` is what the README promises for a bad parameter, a GPU preset on a CPU, another run's
+A `Refusal` is what the docs promise for a bad parameter, a GPU preset on a CPU, another run's
 checkpoint, a busy folder or a bad data file: a message that names the parameter, file or line
 and the fix. IPython shows an exception through its `_render_traceback_` where it has one, so a
 refusal shows as that message, without nblib's frames; a real bug still shows its traceback.
@@ -45,7 +45,10 @@ class Unreachable(Refusal, RuntimeError):
 
 
 class NotEnoughSpace(Refusal, OSError):
-    """A disk too full for what the run must write."""
+    """A disk too full for what the run must write (errno ENOSPC; shown without "[Errno 28]")."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 class TrainingFailed(Refusal, RuntimeError):

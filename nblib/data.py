@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from . import bundle, chat, files, localfiles, paths, pretokenized, sources, tokenizer as tokenizers
+from . import bundle, chat, files, localfiles, paths, pretokenized, sources
+from . import tokenizer as tokenizers
 from .config import BPE_SPEC, DataConfig, RunConfig
 from .console import DataError, NotEnoughSpace
 from .loss import IGNORE_INDEX

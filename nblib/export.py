@@ -5,8 +5,8 @@ import contextlib
 import copy
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 FINAL_MODEL = "final_model"
 GGUF = "model.gguf"  # inside final_model/, so the export is one unit
-LEGACY_GGUF = "final_model.gguf"  # beside it, where exports before 0.4 wrote it
+LEGACY_GGUF = "final_model.gguf"  # beside it, where earlier versions wrote it (removed at export)
 
 
 def load_best_weights(model: PreTrainedModel, run_dir: Path) -> bool:

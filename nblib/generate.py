@@ -10,8 +10,7 @@ import copy
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
-                          PreTrainedTokenizerFast)
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from . import chat, checkpoint
 from . import model as model_lib
@@ -63,7 +62,8 @@ def generation_config(sampling: SamplingConfig, tokenizer: PreTrainedTokenizerFa
         pad_token_id=tokenizer.eos_token_id)
 
 
-def load(path: Path, tokenizer: PreTrainedTokenizerFast | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+def load(path: Path,
+         tokenizer: PreTrainedTokenizerFast | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A model and tokenizer from a Hugging Face directory such as `final_model/` (a LoRA adapter
     directory needs peft), or from a checkpoint `.pt` with the run's `tokenizer`."""
     path = Path(path)

@@ -134,10 +134,11 @@ def _check_byte_level(tokenizer, model_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a final_model directory as GGUF for llama.cpp")
     parser.add_argument("model", type=Path, help="a final_model directory (Hugging Face GPT-2)")
-    parser.add_argument("--out", type=Path, help="the .gguf file (default: beside the directory)")
+    parser.add_argument("--out", type=Path, help="the .gguf file (default: model.gguf in the directory, "
+                        "where the notebook's export puts it)")
     parser.add_argument("--dtype", choices=tuple(FILE_TYPES), default="float32")
     args = parser.parse_args(argv)
-    print(write(args.model, args.out or args.model.with_suffix(".gguf"), args.dtype))
+    print(write(args.model, args.out or args.model / "model.gguf", args.dtype))
 
 
 if __name__ == "__main__":

@@ -13,14 +13,15 @@ import argparse
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from . import console, launch, params
-from .run import start
 from .outcome import RunResult
+from .run import start
 
 log = logging.getLogger(__name__)
 

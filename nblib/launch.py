@@ -5,9 +5,9 @@ inside the process group), shows rank 0's progress bar and log lines and every w
 forwards an interrupt to the workers, and raises a worker's exception with its traceback if one
 fails (the others are terminated, so nothing hangs). Only rank 0 writes files; when the workers
 are done the parent loads the run's last checkpoint into the notebook's `model`, on the
-notebook's device, so `model` and `result` look as they do after a one-process run. Under torchrun (one or more machines) the processes exist already: each joins
-torchrun's process group and trains its share (`torchrun_worker`). The training loop itself never
-spawns.
+notebook's device, so `model` and `result` look as they do after a one-process run. Under
+torchrun (one or more machines) the processes exist already: each joins torchrun's process group
+and trains its share (`torchrun_worker`). The training loop itself never spawns.
 """
 from __future__ import annotations
 
@@ -201,8 +201,9 @@ def under_torchrun() -> bool:
 
 def torchrun_worker(cfg: RunConfig) -> train.RunResult:
     """This process's share of a run under torchrun: join its process group (NCCL on GPUs, gloo
-    on CPUs), prepare the data (in turn, see `_prepared_in_turn`), build the model and train. Global rank 0 alone holds `output_dir` and writes; for
-    several machines `output_dir` must be on a disk they share, as checkpoints are read by all."""
+    on CPUs), prepare the data (in turn, see `_prepared_in_turn`), build the model and train.
+    Global rank 0 alone holds `output_dir` and writes; for several machines `output_dir` must be
+    on a disk they share, as checkpoints are read by all."""
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = hardware.detect(cfg.train.precision, 1)
     if device.is_cuda:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import gc
 import logging
 import math
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 

@@ -112,8 +112,9 @@ def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_gr
     """
     optimizer = state.optimizer
     reset = partial(optimizer.zero_grad, set_to_none=True)
-    loss_sum = oom.retry_on_oom(state, len(blocks), lambda: accumulate_gradients(state, blocks, device, per_rank_targets),
-                                   reset, agree=lambda oom: collectives.any_rank(oom, device))
+    loss_sum = oom.retry_on_oom(state, len(blocks),
+                                lambda: accumulate_gradients(state, blocks, device, per_rank_targets),
+                                reset, agree=lambda oom: collectives.any_rank(oom, device))
     # After the ranks agreed on OOM, so no rank waits on one that backs off: a few flat all-reduces.
     collectives.average_gradients(state.model)
     loss_sum = collectives.mean_over_ranks(loss_sum)  # every rank takes the same skip decision

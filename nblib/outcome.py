@@ -9,8 +9,8 @@ from pathlib import Path
 from . import checkpoint
 from .console import TrainingFailed
 from .evaluation import perplexity
-from .stopping import duration
 from .state import TrainState
+from .stopping import duration
 
 
 class StopReason(str, enum.Enum):

@@ -13,12 +13,13 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Union
 
 from . import config, paths
-from .console import ConfigError
 from .config import PRESET_VALUES, PRESETS, SCRATCH, RunConfig
+from .console import ConfigError
 
 DEFAULTS: dict[str, Any] = {
     "preset": "kaggle-t4", "output_dir": None,
@@ -50,8 +51,8 @@ PARAMETERS = tuple(DEFAULTS)
 
 # Parameters whose notebook spelling differs from their config field's type.
 BOUNDARY_TYPES: dict[str, Any] = {
-    "preset": str, "output_dir": Optional[str], "lora_target_modules": str,  # comma-separated
-    "prompts": Optional[Union[list, str]], "generation_seed": int, "devices": Union[str, int],
+    "preset": str, "output_dir": str | None, "lora_target_modules": str,  # comma-separated
+    "prompts": list | str | None, "generation_seed": int, "devices": str | int,
 }
 
 
@@ -148,7 +149,7 @@ def parameter_type(name: str) -> Any:
     if name in BOUNDARY_TYPES:
         return BOUNDARY_TYPES[name]
     annotation = _FIELD_TYPES[name]
-    return Optional[annotation] if DEFAULTS[name] is None else annotation
+    return annotation | None if DEFAULTS[name] is None else annotation
 
 
 def _field_types() -> dict[str, Any]:
@@ -234,7 +235,7 @@ def _build(preset: str, v: dict[str, Any]) -> RunConfig:
 def _unknown(name: str) -> str:
     close = difflib.get_close_matches(name, PARAMETERS, n=1)
     return f"unknown parameter {name}" + (f"; did you mean {close[0]}?" if close else
-                                          " (the parameters are listed in the README)")
+                                          " (the parameters are listed in docs/parameters.md)")
 
 
 def _format(problems: list[str]) -> str:

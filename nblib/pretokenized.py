@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import SPLITS, held_out, split_of
 from .console import DataError
+from .sources import SPLITS, held_out, split_of
 
 log = logging.getLogger(__name__)
 

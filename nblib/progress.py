@@ -50,7 +50,7 @@ class ProgressToParent:
     def __init__(self, messages, total: int, initial: int):
         self.messages, self.total, self.n, self.postfix = messages, total, initial, {}
 
-    def __enter__(self) -> "ProgressToParent":
+    def __enter__(self) -> ProgressToParent:
         self.messages.put(("start", {"total": self.total, "initial": self.n}))
         return self
 

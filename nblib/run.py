@@ -28,12 +28,29 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from . import (collectives, console, contract, data, evaluation, export, generate, hardware, hellaswag,
-               launch, lock, model as models, params, plots, publish, state)
+from . import (
+    collectives,
+    console,
+    contract,
+    data,
+    evaluation,
+    export,
+    generate,
+    hardware,
+    hellaswag,
+    launch,
+    lock,
+    params,
+    plots,
+    publish,
+    state,
+)
+from . import model as models
 from .config import RunConfig
 from .data import Corpus
 from .hardware import Device
@@ -61,7 +78,7 @@ def stage(name: str):
     or before the cell that stopped, it clears the stop and does its work."""
     def decorate(method):
         @functools.wraps(method)
-        def cell(self: "Run", *args, **kwargs):
+        def cell(self: Run, *args, **kwargs):
             if self.stopped is not None:
                 if ORDER.index(name) > ORDER.index(self.stopped.stage):
                     print(f"skipped: {self.stopped}")
@@ -72,7 +89,7 @@ def stage(name: str):
     return decorate
 
 
-def start(values: Mapping[str, Any]) -> "Run":
+def start(values: Mapping[str, Any]) -> Run:
     """The setup cell: resolve the parameters (a notebook's `globals()`, a job file's mapping),
     show the configuration and the hardware, seed, claim `output_dir` and say whether the run is
     new or continues one.

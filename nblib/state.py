@@ -65,7 +65,7 @@ class TrainState:
         }
 
     @classmethod
-    def outcome(cls, model: torch.nn.Module, checkpoint: dict[str, Any]) -> "TrainState":
+    def outcome(cls, model: torch.nn.Module, checkpoint: dict[str, Any]) -> TrainState:
         """The weights, counters and history of a checkpoint, without an optimizer: how the
         notebook's process reads what its data-parallel workers left."""
         state = cls(model, None, None, None, batch_size=0, gradient_accumulation_steps=0, global_batch=0)

@@ -15,12 +15,12 @@ from . import checkpoint, collectives, contract, files, generate, mfu, oom, prog
 from .config import RunConfig
 from .console import ConfigError
 from .data import Corpus
-from .hardware import Device, peak_memory
-from .state import TrainState, capture_rng, global_batch_of
 from .evaluation import HISTORY, evaluate, perplexity
+from .hardware import Device, peak_memory
 from .model import weights_are_finite
 from .optimization import StepOutcome, new_state, optimizer_step
 from .outcome import RunResult, StopReason  # noqa: F401 (the notebook reads nblib.train.StopReason)
+from .state import TrainState, capture_rng, global_batch_of
 
 log = logging.getLogger(__name__)
 

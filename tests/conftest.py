@@ -12,6 +12,19 @@ from nblib import config, params, tokenizer
 
 # Set by .ci/run where the optional packages are installed on purpose: a missing one fails there.
 REQUIRE_OPTIONAL = os.environ.get("NBLIB_REQUIRE_OPTIONAL") == "1"
+# "compat", set by .ci/run in Kaggle's and the oldest environment: the fast tests and the slow ones
+# marked compat (what differs between library versions); unset, every test.
+TIER = os.environ.get("NBLIB_TEST_TIER", "all")
+
+
+def pytest_collection_modifyitems(config, items):
+    """In the compat tier, deselect the slow tests not marked compat (pytest reports how many)."""
+    if TIER != "compat":
+        return
+    dropped = [item for item in items if item.get_closest_marker("slow") and not item.get_closest_marker("compat")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item not in dropped]
 
 
 def needs(package: str) -> pytest.MarkDecorator:
@@ -95,11 +108,17 @@ def moves(monkeypatch) -> list:
     import torch
 
     calls = []
+
+    def spying(name: str):
+        original = getattr(torch.nn.Module, name)
+
+        def spy(self, *args, **kwargs):
+            calls.append((self, name, args))
+            return original(self, *args, **kwargs)
+        return spy
+
     for name in ("to", "cpu", "cuda", "half", "float", "bfloat16"):
-        def spy(self, *args, _original=getattr(torch.nn.Module, name), _name=name, **kwargs):
-            calls.append((self, _name, args))
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.nn.Module, name, spy)
+        monkeypatch.setattr(torch.nn.Module, name, spying(name))
     return calls
 
 

@@ -1,10 +1,10 @@
 import json
 
 import pytest
+from conftest import tiny_params
 
 from nblib import bundle, data
 from nblib.params import resolve
-from conftest import tiny_params
 
 
 @pytest.fixture

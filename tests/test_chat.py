@@ -5,12 +5,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_params
+from test_notebook import execute, outputs_text
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
 from nblib import chat, contract, data, evaluation, hardware, params
 from nblib.loss import IGNORE_INDEX, counted_targets
-from conftest import tiny_params
-from test_notebook import execute, outputs_text
 
 COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red",
            "sun": "yellow", "sea": "blue", "night": "dark"}
@@ -114,6 +114,8 @@ def test_a_template_that_renders_a_beginning_differently_is_refused_for_response
         chat.encode(tokenizer, conversation(random.Random(0)), "responses")
 
 
+@pytest.mark.slow
+@pytest.mark.compat
 def test_chat_finetune_through_the_notebook_lowers_the_held_out_answer_loss(tmp_path, pretrained_dir):
     dataset = write_conversations(tmp_path / "chat.jsonl", 400)
     values = dict(preset="smoke", output_dir=str(tmp_path / "run"), init_from=str(pretrained_dir),

@@ -1,7 +1,7 @@
 import pytest
+from conftest import tiny_params
 
 from nblib import params, sources
-from conftest import tiny_params
 
 
 def test_presets_resolve_and_none_means_the_presets_value(tmp_path):
@@ -104,5 +104,5 @@ def test_misspelt_names_are_refused_but_a_notebooks_own_variables_are_not():
         params.resolve({**kernel, "learnin_rate": 0.1})
     interactive = {**kernel, "In": ["", "x = 3\nlearnin_rate = 0.1"], "learnin_rate": 0.1}
     assert params.resolve(interactive).train.learning_rate == 3e-3  # a user's own names are theirs
-    with pytest.raises(ValueError, match=r"unknown parameter zzz \(the parameters are listed in the README\)"):
+    with pytest.raises(ValueError, match=r"unknown parameter zzz \(the parameters are listed in docs/parameters.md\)"):
         params.resolve({"preset": "smoke", "zzz": 1})

@@ -9,13 +9,13 @@ import nbformat
 import papermill
 import pytest
 import torch
-from nbclient import NotebookClient
-
-from nblib import checkpoint, contract, data, evaluation, hardware, model, optimization, params, state, tokenizer, train
 from conftest import tiny_params, wikitext_lines
+from nbclient import NotebookClient
 from test_notebook import NOTEBOOK, execute, outputs_text
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+from nblib import checkpoint, contract, data, evaluation, hardware, model, optimization, params, state, tokenizer, train
+
+README = Path(__file__).resolve().parent.parent / "docs" / "resume-contract.md"
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def test_every_parameter_is_classified_and_the_readme_table_says_the_same():
     assert table == {name: kind for name, (kind, _) in contract.RULES.items()}
 
 
+@pytest.mark.slow
 def test_a_lowered_learning_rate_a_longer_run_and_a_new_split_are_applied_on_resume(finished_run, tmp_path):
     """The issue's case: the smoke run again with another peak and more steps (and the same global
     batch split 4 x 4 instead of 8 x 2) trains at the new rate, from the resumed step."""
@@ -68,6 +69,7 @@ def test_a_lowered_learning_rate_a_longer_run_and_a_new_split_are_applied_on_res
     assert recorded["fingerprint"] == after["config"]["fingerprint"] == before["config"]["fingerprint"]
 
 
+@pytest.mark.slow
 def test_another_dataset_with_the_same_tokenizer_spec_is_refused_and_nothing_is_overwritten(finished_run, tmp_path):
     run = copy_of(finished_run, tmp_path)
     exported = (run / "final_model" / "tokenizer.json").read_bytes()
@@ -84,6 +86,7 @@ def test_another_dataset_with_the_same_tokenizer_spec_is_refused_and_nothing_is_
     assert checkpoint.list_checkpoints(run / "checkpoints")[-1][0] == 20
 
 
+@pytest.mark.slow
 def test_a_changed_max_length_or_seed_is_refused_in_the_setup_cell(finished_run, tmp_path):
     run = copy_of(finished_run, tmp_path)
     with pytest.raises(papermill.PapermillExecutionError) as error:
@@ -94,6 +97,7 @@ def test_a_changed_max_length_or_seed_is_refused_in_the_setup_cell(finished_run,
     assert "nblib.run.start(" in error.value.source  # the setup cell: before the data cell's work
 
 
+@pytest.mark.slow
 def test_a_changed_global_batch_is_refused_naming_the_product_to_keep(finished_run, tmp_path):
     run = copy_of(finished_run, tmp_path)
     with pytest.raises(papermill.PapermillExecutionError,
@@ -102,6 +106,7 @@ def test_a_changed_global_batch_is_refused_naming_the_product_to_keep(finished_r
         execute(tmp_path, preset="smoke", output_dir=str(run), gradient_accumulation_steps=4, max_steps=30)
 
 
+@pytest.mark.slow
 def test_validation_loss_is_the_same_whatever_the_micro_batch(tmp_path):
     """The same global batch split 16 x 1 and 2 x 8: the same blocks are evaluated, so the losses
     differ only by float rounding (before, the evaluated subset grew with the micro-batch)."""
@@ -125,6 +130,7 @@ def test_evaluation_weights_every_token_the_same_whatever_the_eval_batch(tiny_co
         evaluation.evaluate(net, blocks[:0], device, 4)
 
 
+@pytest.mark.slow
 def test_a_live_kernel_rerunning_setup_to_train_applies_the_new_learning_rate(tmp_path):
     """The interactive user: Run All, then `learning_rate = 1e-4`, `max_steps = 30` in a new cell,
     and the cells from setup to train run again in the same kernel (which holds the folder's lock)."""
@@ -199,7 +205,8 @@ def test_auto_passes_over_another_runs_checkpoint_attached_as_input_but_refuses_
     assert found["step"] == 4 and changes == []
     assert "passing over" in caplog.text and "max_length: checkpoint 8, this run 16" in caplog.text
     checkpoint.save(checkpoint.checkpoint_path(tiny_config.output_dir, 0, 900), other)
-    with pytest.raises(contract.RunMismatch, match=rf"(?s)step 900\) cannot be continued.*out of {tiny_config.output_dir}"):
+    with pytest.raises(contract.RunMismatch,
+                       match=rf"(?s)step 900\) cannot be continued.*out of {tiny_config.output_dir}"):
         contract.find(auto, 1)
 
 

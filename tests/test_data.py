@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from conftest import tiny_params
 
 from nblib import data, params
-from conftest import tiny_params
 
 
 def test_prepare_packs_blocks_with_end_of_text_between_articles(tiny_config):

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from nblib import checkpoint, collectives, launch, params
 from conftest import needs, tiny_params
 from test_notebook import execute, outputs_text
+
+from nblib import checkpoint, collectives, launch, params
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,6 +154,7 @@ def test_lora_fine_tune_in_two_processes(tmp_path, pretrained_dir, wikitext_file
 
 def test_the_parents_bar_starts_at_the_resumed_step_with_the_runs_total():
     import io
+
     from tqdm import tqdm
     bar, drawn = tqdm(total=None, file=io.StringIO()), []
     live = type("Live", (), {"update": lambda self, history: drawn.append(history)})()
@@ -200,6 +201,8 @@ def test_after_the_workers_the_notebooks_model_is_on_the_notebooks_device(tiny_c
 
 WORKER_STDERR = """import os, warnings
 import nblib.train
+
+pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 _run = nblib.train.run
 
 def _run_noisily(*args, **kwargs):
@@ -215,14 +218,16 @@ def test_what_the_workers_write_to_stderr_reaches_the_notebook(tiny_config, tmp_
     """A kernel shows its own stderr, not its children's: warnings, NCCL's lines and a crash's
     last words are relayed by the parent, each marked with its rank."""
     from conftest import sitecustomize
+
     from nblib import data, hardware, model
     corpus = data.prepare(tiny_config)
     sitecustomize(tmp_path, monkeypatch, WORKER_STDERR)
-    launch.fit(tiny_config, hardware.detect("fp32", devices=2), model.build(tiny_config.model, corpus.tokenizer), corpus)
+    net = model.build(tiny_config.model, corpus.tokenizer)
+    launch.fit(tiny_config, hardware.detect("fp32", devices=2), net, corpus)
     err = capfd.readouterr().err
     for rank in (0, 1):
         assert f"[rank {rank}] NCCL WARN a line written by C code" in err
-        assert f"UserWarning: a library's warning in a worker" in err.split(f"[rank {rank}]", 1)[1]
+        assert "UserWarning: a library's warning in a worker" in err.split(f"[rank {rank}]", 1)[1]
 
 
 def test_the_relay_passes_complete_lines_and_the_rest_at_the_end(tmp_path, capsys):

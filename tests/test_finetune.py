@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import needs, tiny_params
+from test_notebook import execute, outputs_text
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 from nblib import checkpoint, params
-from conftest import needs, tiny_params
-from test_notebook import execute, outputs_text
-
 
 
 def test_init_from_takes_the_pretrained_shape_and_tokenizer(tmp_path, pretrained_dir):
@@ -50,6 +49,8 @@ def finetune_params(tmp_path, pretrained_dir, wikitext_file, **overrides) -> dic
                 **overrides)
 
 
+@pytest.mark.slow
+@pytest.mark.compat
 def test_finetune_through_the_notebook_resumes_and_exports(tmp_path, pretrained_dir, wikitext_file):
     params = finetune_params(tmp_path, pretrained_dir, wikitext_file)
     text = outputs_text(execute(tmp_path, **params))
@@ -65,7 +66,8 @@ def test_finetune_through_the_notebook_resumes_and_exports(tmp_path, pretrained_
 
 
 @needs("peft")
-def test_lora_finetune_trains_adapters_only_resumes_and_exports_merged_or_adapter(tmp_path, pretrained_dir, wikitext_file):
+def test_lora_finetune_trains_adapters_only_resumes_and_exports_merged_or_adapter(tmp_path, pretrained_dir,
+                                                                                 wikitext_file):
     params = finetune_params(tmp_path, pretrained_dir, wikitext_file, lora_r=4, lora_alpha=8.0)
     text = outputs_text(execute(tmp_path, **params))
     assert "trainable: 1,024 (" in text  # rank 4 on c_attn: 2 layers x 4 x (32 in + 96 out)

@@ -10,7 +10,8 @@ from nblib.config import SamplingConfig
 @pytest.fixture(scope="module")
 def pretrained(pretrained_dir):
     """The tiny random GPT-2, made unlikely to end a sample at once (its end-of-text logit is 0)."""
-    model, tokenizer = GPT2LMHeadModel.from_pretrained(str(pretrained_dir)), AutoTokenizer.from_pretrained(str(pretrained_dir))
+    model = GPT2LMHeadModel.from_pretrained(str(pretrained_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(pretrained_dir))
     with torch.no_grad():
         model.transformer.wte.weight[tokenizer.eos_token_id] = 0.0
     return model, tokenizer

@@ -6,12 +6,12 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel
-
-from nblib import gguf_export, params
 from conftest import needs, tiny_params
 from test_finetune import finetune_params
 from test_notebook import execute
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from nblib import gguf_export, params
 
 PROMPT = "the old king wrote a song of stone and light during the first war"
 # Largest |llama.cpp - transformers| logit, as a share of the largest |logit|. Measured on the
@@ -41,6 +41,7 @@ def assert_llama_cpp_agrees(model_dir, gguf_file, dtype: str) -> None:
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.9
 
 
+@pytest.mark.slow
 @needs("gguf")
 @needs("llama_cpp")
 def test_the_notebooks_gguf_gives_llama_cpp_the_models_logits(tmp_path, pretrained_dir, wikitext_file):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_params
 
 from nblib import checkpoint, files
-from conftest import tiny_params
 
 REPO = Path(__file__).resolve().parent.parent
 # The driver logs each finished optimizer step and slows every fsync, so that random kills
@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 DRIVER = """
 import json, sys, time
 from nblib import files, job, train
+
+pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 steps_log = open(sys.argv[2], "a", buffering=1)
 step = train.optimizer_step
 def logged(state, *a, **k):
@@ -85,7 +87,7 @@ def test_sigkill_at_random_instants_loses_at_most_save_steps_and_resumes_exactly
     while True:
         before = len(logged_steps(tmp_path))
         proc = start(tmp_path, params, slow_fsync=0.1)
-        wait_for(lambda: len(logged_steps(tmp_path)) > before or proc.poll() is not None)
+        wait_for(lambda before=before, proc=proc: len(logged_steps(tmp_path)) > before or proc.poll() is not None)
         time.sleep(rng.uniform(0.0, 1.5))  # a random instant of training, saves included
         if proc.poll() is not None:
             break

@@ -4,10 +4,10 @@ import sys
 
 import papermill
 import pytest
+from conftest import hide_installed_nblib
 
 from nblib import kaggle
 from nblib.params import resolve
-from conftest import hide_installed_nblib
 
 
 def test_the_repository_metadata_passes_the_kaggle_cli_checks():
@@ -45,6 +45,8 @@ def test_stage_writes_a_push_ready_folder(tmp_path):
                       "isInternetEnabled": True, "language": "python", "sourceType": "notebook"}
 
 
+@pytest.mark.slow
+@pytest.mark.compat
 def test_the_staged_notebook_trains_where_nblib_is_not_importable(tmp_path, monkeypatch):
     out = kaggle.stage(tmp_path / "kernel")
     empty = tmp_path / "empty" / "work"
@@ -62,6 +64,7 @@ def test_the_staged_notebook_trains_where_nblib_is_not_importable(tmp_path, monk
 
 def test_bundle_command_round_trip(tmp_path, wikitext_file, tokenizer_dir):
     from conftest import tiny_params
+
     from nblib import data
     params = tiny_params(tmp_path / "prep", dataset=str(wikitext_file), tokenizer=str(tokenizer_dir))
     (tmp_path / "params.json").write_text(json.dumps(params))

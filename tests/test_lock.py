@@ -9,12 +9,15 @@ from pathlib import Path
 
 import papermill
 import pytest
-
-from nblib import checkpoint, lock
 from test_notebook import NOTEBOOK, execute
 
+from nblib import checkpoint, lock
+
+pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
+
 REPO = Path(__file__).resolve().parent.parent
-HOLD_FOREVER = "import signal, sys; from nblib import lock; lock.hold(sys.argv[1]); print('held', flush=True); signal.pause()"
+HOLD_FOREVER = ("import signal, sys; from nblib import lock; lock.hold(sys.argv[1]); print('held', flush=True); "
+                "signal.pause()")
 
 
 def wait_for(condition, seconds: float = 120):

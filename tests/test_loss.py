@@ -33,7 +33,8 @@ def test_the_chunked_loss_and_gradients_equal_the_plain_path(monkeypatch, dtype,
     torch.manual_seed(0)
     hidden, weight = torch.randn(300, 32), torch.randn(1000, 32)
     targets = torch.randint(0, 1000, (300,))
-    (plain, plain_h, plain_w), (chunked, chunked_h, chunked_w) = plain_and_chunked(hidden, weight, targets, dtype, monkeypatch)
+    plain_run, chunked_run = plain_and_chunked(hidden, weight, targets, dtype, monkeypatch)
+    (plain, plain_h, plain_w), (chunked, chunked_h, chunked_w) = plain_run, chunked_run
     assert chunked.item() == pytest.approx(plain.item(), rel=tolerance)
     for got, want in ((chunked_h, plain_h), (chunked_w, plain_w)):
         assert (got - want).abs().max() <= tolerance * want.abs().max()
@@ -71,7 +72,8 @@ def test_a_target_far_below_the_top_logit_keeps_a_finite_exact_loss(monkeypatch)
     """Its probability underflows fp32 (exp(-300)); the loss comes from the largest logit's instead."""
     hidden, weight = torch.tensor([[300.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     targets = torch.tensor([1, 2])
-    (plain, _, plain_w), (chunked, _, chunked_w) = plain_and_chunked(hidden, weight, targets, torch.float32, monkeypatch)
+    plain_run, chunked_run = plain_and_chunked(hidden, weight, targets, torch.float32, monkeypatch)
+    (plain, _, plain_w), (chunked, _, chunked_w) = plain_run, chunked_run
     assert torch.isfinite(chunked) and chunked.item() == pytest.approx(plain.item(), rel=1e-6)
     assert torch.allclose(chunked_w, plain_w)
 

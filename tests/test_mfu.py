@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_params
 
 from nblib import hardware, mfu, params
-from conftest import tiny_params
 
 
 def gpu(name: str, precision: str = "fp16") -> hardware.Device:

@@ -65,7 +65,7 @@ def test_the_fused_gelu_computes_gpt2s_activation_and_keeps_less_for_backward():
     saved = {}
     for name, net in (("fused", fused), ("plain", plain)):
         sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, sizes=sizes: sizes.append(t.numel()) or t, lambda t: t):
             logits = net(input_ids=inputs).logits
         saved[name] = (logits, sum(sizes))
     assert torch.allclose(saved["fused"][0], saved["plain"][0], atol=1e-5)

@@ -9,11 +9,12 @@ import datasets
 import papermill
 import pytest
 import torch
-
-from nblib import checkpoint, params
+from conftest import fake_clock, hide_installed_nblib, wikitext_lines
 from transformers import pipeline
 
-from conftest import fake_clock, hide_installed_nblib, wikitext_lines
+from nblib import checkpoint, params
+
+pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "text_generation_kaggle_production.ipynb"
 
@@ -29,6 +30,7 @@ def outputs_text(nb) -> str:
                    for o in c.outputs)
 
 
+@pytest.mark.compat
 def test_smoke_preset_trains_and_writes_every_output(tmp_path):
     run = tmp_path / "run"
     items = [{"ctx": "Return the", "endings": ["value of x.", "list of files.", "a b c d", "number."], "label": i % 4}

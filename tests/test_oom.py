@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_params
+from test_train import run_tiny
 from transformers import GPT2Model
 
 from nblib import checkpoint, oom, params, train
-from conftest import tiny_params
-from test_train import run_tiny
 
 
 @pytest.fixture

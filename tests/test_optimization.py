@@ -2,10 +2,10 @@ import math
 
 import pytest
 import torch
-
-from nblib import checkpoint, data, hardware, loss, model, optimization, params, train
 from conftest import tiny_params
 from test_train import run_tiny
+
+from nblib import checkpoint, data, hardware, loss, model, optimization, params, train
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
@@ -29,7 +29,8 @@ def test_weight_decay_only_on_matrices(tiny_config):
 
 @pytest.fixture
 def nan_on_steps(monkeypatch):
-    """Poison the hidden states (and so the logits) of the training forward passes that belong to the given (1-based) steps."""
+    """Poison the hidden states (and so the logits) of the training forward passes that belong to
+    the given (1-based) steps."""
     from transformers import GPT2Model
     forward = GPT2Model.forward
 
@@ -141,6 +142,7 @@ def test_evaluation_and_sampling_never_enter_the_compiled_training_graphs(tmp_pa
 def one_rank_process_group():
     """This process as a data-parallel worker of a world of one: the workers' code path, in-process."""
     import torch.distributed as dist
+
     from nblib import launch
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{launch._free_port()}", rank=0, world_size=1)
     yield
@@ -165,6 +167,7 @@ def test_host_synchronisations_and_all_reduces_per_optimizer_step(tiny_config, m
     stop and OOM agreements too), and the gradients cross ranks in one flat all-reduce for this
     small model (before: one all-reduce per parameter, 12 here)."""
     import torch.distributed as dist
+
     from nblib import collectives
     if in_worker:
         request.getfixturevalue("one_rank_process_group")

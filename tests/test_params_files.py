@@ -33,6 +33,7 @@ def test_each_file_names_only_notebook_parameters_and_resolves(path, tmp_path, p
     assert cfg.preset == values["preset"]
 
 
+@pytest.mark.slow
 def test_papermill_reads_a_parameter_file(tmp_path):
     out = tmp_path / "out.ipynb"
     subprocess.run([sys.executable, "-m", "papermill", "notebooks/text_generation_kaggle_production.ipynb",
@@ -50,6 +51,7 @@ def run_job(*argv, cwd=PARAMS.parent.parent):
                           text=True)
 
 
+@pytest.mark.slow
 def test_the_job_reads_papermills_file_with_overrides_and_shows_the_config(tmp_path):
     shown = run_job(PARAMS / "smoke.yaml", "--set", f"output_dir={tmp_path / 'run'}", "--set", "max_steps=7",
                     "--set", "prompts=[a, b]", "--set", "dataset_config=", "--set", "dropout=null", "--show-config")
@@ -67,6 +69,7 @@ def test_the_job_reads_papermills_file_with_overrides_and_shows_the_config(tmp_p
     (["{missing}"], "No such file"),
     (["{list}"], "not a mapping of parameter names to values"),
 ])
+@pytest.mark.slow
 def test_the_job_refuses_bad_input_with_a_message_not_a_traceback(tmp_path, argv, message):
     (tmp_path / "list.yaml").write_text("- preset\n- smoke\n")
     argv = [a.format(missing=tmp_path / "missing.yaml", list=tmp_path / "list.yaml") for a in argv]

@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_params
 
 from nblib import data, params
-from conftest import tiny_params
 
 
 def write_jsonl(path, records):

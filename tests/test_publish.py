@@ -4,10 +4,10 @@ import importlib.util
 import json
 
 import pytest
-
-from nblib import params, publish
 from conftest import needs, tiny_params
 from test_notebook import execute, outputs_text
+
+from nblib import params, publish
 
 RECORDER = """import json, os, kagglehub
 # The kernel's kagglehub.model_upload records what it would send{failure}.
@@ -34,6 +34,7 @@ def patch_kernel_upload(tmp_path, monkeypatch, fail: bool = False):
     return sent
 
 
+@pytest.mark.slow
 @needs("kagglehub")
 def test_the_notebook_uploads_final_model_with_its_card(tmp_path, monkeypatch):
     sent = patch_kernel_upload(tmp_path, monkeypatch)
@@ -48,6 +49,7 @@ def test_the_notebook_uploads_final_model_with_its_card(tmp_path, monkeypatch):
     assert "uploaded " in text and "https://www.kaggle.com/models/someone/gpt2-docs" in text
 
 
+@pytest.mark.slow
 @needs("kagglehub")
 def test_a_failed_upload_is_a_message_and_the_run_succeeds(tmp_path, monkeypatch):
     patch_kernel_upload(tmp_path, monkeypatch, fail=True)

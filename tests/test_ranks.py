@@ -5,11 +5,11 @@ import shutil
 import time
 
 import pytest
+from conftest import fake_clock, tiny_params
+from faults import faulty
 
 from nblib import checkpoint, data, hardware, launch, model, state, train
 from nblib.params import resolve
-from conftest import fake_clock, tiny_params
-from faults import faulty
 
 
 def fit_two(params: dict, fault: str = "", **overrides) -> train.RunResult:

@@ -4,9 +4,10 @@ import logging
 import sys
 import types
 
-from nblib import params, report
 from conftest import needs, tiny_params
 from test_train import run_tiny
+
+from nblib import params, report
 
 
 @needs("tensorboard")

@@ -12,6 +12,8 @@ from nbclient import NotebookClient
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
+pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
+
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "text_generation_kaggle_production.ipynb"
 INFO_LINES = re.compile(r"^(disk: |session clock|step \d+/\d+: |resum|exported |a new run|continuing the run|"
                         r"training a byte-level|trained a byte-level|dataset |held out |reusing )", re.M)
@@ -66,7 +68,6 @@ def interrupt(client) -> None:
     os.kill(client.km.provisioner.process.pid, signal.SIGINT)
 
 
-@pytest.mark.slow
 def test_the_interrupt_button_ends_quietly_and_the_summary_says_where(tmp_path):
     run = tmp_path / "run"
     cells = live(tmp_path, on_train=interrupt_after_first_evaluation(run), preset="smoke",
@@ -82,7 +83,6 @@ def test_the_interrupt_button_ends_quietly_and_the_summary_says_where(tmp_path):
     assert (run / "emergency_checkpoint.pt").is_file() and not (run / "final_model").exists()
 
 
-@pytest.mark.slow
 def test_an_interrupt_before_the_first_evaluation_shows_no_loss_it_did_not_measure(tmp_path):
     def press_at_once(client):
         time.sleep(8)  # into the first steps; the first evaluation is at step 1,000
@@ -95,7 +95,6 @@ def test_an_interrupt_before_the_first_evaluation_shows_no_loss_it_did_not_measu
     assert not ABSURD.search(train.split("peak memory")[0]) and not [c for c in cells if errors(c)]
 
 
-@pytest.mark.slow
 def test_a_dry_run_ends_quietly_and_trains_nothing(tmp_path):
     cells = live(tmp_path, preset="smoke", output_dir=str(tmp_path / "run"), dry_run=True)
     assert not [c.source for c in cells if errors(c)]
@@ -107,7 +106,6 @@ def test_a_dry_run_ends_quietly_and_trains_nothing(tmp_path):
     assert not (tmp_path / "run" / "data_cache").exists()
 
 
-@pytest.mark.slow
 def test_a_refusal_shows_its_message_in_a_few_lines(tmp_path):
     """Another run's checkpoint (n_layer changed): the message and its fix, not nblib's frames."""
     run = str(tmp_path / "run")
@@ -120,7 +118,6 @@ def test_a_refusal_shows_its_message_in_a_few_lines(tmp_path):
     assert "To continue it, set these back" in shown and "File " not in shown
 
 
-@pytest.mark.slow
 def test_the_gpu_preset_on_a_cpu_is_refused_in_a_few_lines_before_any_folder_is_made(tmp_path):
     cells = live(tmp_path, output_dir=str(tmp_path / "run"))
     error, = errors(of(cells, "nblib.run.start("))

@@ -2,9 +2,9 @@ import json
 
 import datasets
 import pytest
+from conftest import wikitext_lines
 
 from nblib import config, localfiles, sources
-from conftest import wikitext_lines
 
 
 def data_config(spec, column="text"):

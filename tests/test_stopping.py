@@ -48,6 +48,7 @@ def test_a_data_parallel_worker_never_escalates_a_repeated_signal():
 
 def test_the_session_clock_is_the_containers_on_kaggle_and_this_processs_elsewhere(monkeypatch):
     import os
+
     from nblib import paths
     assert paths.session_started_at() == paths.process_started_at(os.getpid()) <= time.time()
     assert params.resolve({"preset": "smoke"}).started_at == paths.session_started_at()  # setup re-run: same clock

@@ -6,11 +6,13 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
-
 from conftest import tiny_params
 from test_notebook import execute, outputs_text
+
+pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 
 
 def torchrun(*arguments: str, cwd) -> subprocess.Popen:

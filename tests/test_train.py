@@ -5,9 +5,9 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_params
 
 from nblib import checkpoint, data, hardware, model, params, state, stopping, train
-from conftest import tiny_params
 
 
 def run_tiny(cfg):
@@ -150,6 +150,7 @@ def test_continuing_across_kaggle_sessions(tmp_path, wikitext_file, tokenizer_di
     """Session 1 stops; its output is attached read-only as /kaggle/input/<version>; session 2
     starts with an empty /kaggle/working and resume_from_checkpoint='auto'."""
     import shutil
+
     from nblib import paths
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
                        resume_from_checkpoint="auto", max_steps=24, max_checkpoints=2)
