@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import checkpoint, config, hardware, model, optimization, params  # noqa: E402
+from nblib import checkpoint, hardware, model, optimization, parameters, params  # noqa: E402
 
 
 class SizedTokenizer:
@@ -40,14 +40,14 @@ def main() -> None:
     started = time.perf_counter()
     optimization.optimizer_step(state, blocks, device, 1.0)
     micro_seconds = time.perf_counter() - started
-    step_seconds = micro_seconds * config.PRESET_VALUES["kaggle-t4"]["gradient_accumulation_steps"]
+    step_seconds = micro_seconds * parameters.PRESET_VALUES["kaggle-t4"]["gradient_accumulation_steps"]
 
     path = Path(cfg.output_dir) / "checkpoint.pt"
     save_seconds = checkpoint.save(path, state.state_dict(cfg.to_dict()))
     started = time.perf_counter()
     state.load_state_dict(checkpoint.load(path))
     resume_seconds = time.perf_counter() - started
-    save_steps = config.PRESET_VALUES["kaggle-t4"]["save_steps"]
+    save_steps = parameters.PRESET_VALUES["kaggle-t4"]["save_steps"]
     share = save_seconds / (save_steps * step_seconds + save_seconds)
     row = dict(bench="checkpoint_cost", model="kaggle-t4", precision=device.precision,
                checkpoint_mb=round(path.stat().st_size / 2**20, 1), save_seconds=round(save_seconds, 2),

@@ -15,51 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, collectives
-from .config import GPT2_TOKENIZER, GPT2_TOKENIZERS, RunConfig
+from . import checkpoint, collectives, parameters
+from .config import APPLIED, BOUND, GPT2_TOKENIZER, GPT2_TOKENIZERS, IDENTITY, RunConfig
 from .console import Refusal
-from .params import PARAMETERS
 from .state import TrainState, global_batch_of
 
 log = logging.getLogger(__name__)
 
 DATA_PARAMETERS = ("dataset", "dataset_config", "text_column", "token_key", "data_format", "train_on",
                    "instruction_column", "response_column", "tokenizer")
-IDENTITY = "identity"  # in the fingerprint: a resume must match it
-BOUND = "bound"  # fixed when the run starts: a resume must match it
-APPLIED = "may change"  # applied to the resumed run, logged and recorded
-FREE = "free"  # how this session runs, not part of the run: never compared
-
-_SCHEDULE = "the schedule is derived again, from the resumed step"
-RULES: dict[str, tuple[str, str]] = {
-    **{name: (IDENTITY, "compared through the tokens they make (the same tokens from another path "
-                        "resume)") for name in DATA_PARAMETERS if name != "tokenizer"},
-    "tokenizer": (IDENTITY, "compared through its vocabulary and merges, not its name"),
-    **{name: (IDENTITY, "how the tokens are cut into blocks") for name in ("max_length", "stride",
-                                                                          "drop_remainder")},
-    **{name: (IDENTITY, "the model's shape") for name in (
-        "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "init_from",
-        "lora_r", "lora_alpha", "lora_target_modules")},
-    "seed": (BOUND, "the data order and the held-out split follow it"),
-    "eval_blocks": (BOUND, "the best model is chosen by the loss on these validation blocks"),
-    "learning_rate": (APPLIED, "set in the optimizer and as the schedule's peak"),
-    "weight_decay": (APPLIED, "set in the optimizer (weight matrices only)"),
-    "max_grad_norm": (APPLIED, "clips from the next step"),
-    **{name: (APPLIED, _SCHEDULE) for name in ("epochs", "max_steps", "warmup_steps")},
-    **{name: (APPLIED, "from the next step") for name in (
-        "save_steps", "eval_steps", "max_checkpoints", "time_budget_minutes", "max_bad_steps",
-        "precision", "torch_compile", "dropout", "lora_dropout", "report_to")},
-    **{name: (APPLIED, "a new split of the same global batch") for name in (
-        "batch_size", "gradient_accumulation_steps")},
-    "devices": (APPLIED, "the same global batch, shared anew over the processes"),
-    **{name: (APPLIED, "the samples from the next evaluation") for name in (
-        "prompts", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-        "num_return_sequences", "generation_seed")},
-    **{name: (FREE, "where and how this session runs") for name in (
-        "preset", "output_dir", "resume_from_checkpoint", "dry_run", "sample_from", "lora_export",
-        "export_dtype", "export_gguf", "upload_to", "eval_hellaswag", "hellaswag_items")},
-}
-assert set(RULES) == set(PARAMETERS), set(RULES) ^ set(PARAMETERS)
+RULES = parameters.RULES  # name -> (rule, why), declared with each parameter (config.param)
 
 SHAPE = ("max_length", "stride", "drop_remainder", "vocab_size", "n_positions", "n_embd", "n_layer",
          "n_head", "n_inner", "init_from", "lora_r", "lora_alpha", "lora_target_modules")

@@ -133,7 +133,8 @@ def summary(run_dir: Path) -> str:
     for path in sorted(run_dir.rglob("*")):
         if path.is_file() and "data_cache" not in path.parts and not path.name.startswith("."):
             lines.append(f"  {path.relative_to(run_dir)}  {console.size(path.stat().st_size)}")
-    lines.append(f'load it: transformers.pipeline("text-generation", model="{run_dir / FINAL_MODEL}")')
+    if (run_dir / FINAL_MODEL).is_dir():
+        lines.append(f'load it: transformers.pipeline("text-generation", model="{run_dir / FINAL_MODEL}")')
     last = (read_history(run_dir) or [{}])[-1]
     if "hellaswag_accuracy" in last:
         lines.append(f"HellaSwag ({last['hellaswag_source']}, {last['hellaswag_items']:,} items): accuracy "

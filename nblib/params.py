@@ -1,10 +1,8 @@
 """The parameter boundary: the notebook's parameters cell, papermill's -p/-f, a job file -> RunConfig.
 
-`DEFAULTS` is the one table of parameters and their defaults; the notebook's parameters cell
-holds the same values (a test compares them). `None` means "the preset's value", and only
-`None`: `""` is a value (`dataset_config=""` is "no configuration"). Each parameter's type is
-its config field's annotation; a few parameters are spelt differently in the notebook
-(`BOUNDARY_TYPES`).
+What each parameter is (its type, default or per-preset values, check) comes from the one table,
+`parameters.TABLE`, read off the config's fields. `None` means "the preset's value", and only
+`None`: `""` is a value (`dataset_config=""` is "no configuration").
 """
 from __future__ import annotations
 
@@ -17,43 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
-from . import config, paths
-from .config import PRESET_VALUES, PRESETS, SCRATCH, RunConfig
+from . import config, parameters, paths
+from .config import PRESETS, SCRATCH, RunConfig
 from .console import ConfigError
+from .parameters import DEFAULTS, NAMES, PRESET_VALUES
 
-DEFAULTS: dict[str, Any] = {
-    "preset": "kaggle-t4", "output_dir": None,
-    # data
-    "dataset": None, "dataset_config": None, "text_column": "text", "tokenizer": None, "stride": None,
-    "drop_remainder": True, "token_key": "", "data_format": "auto", "train_on": "responses",
-    "instruction_column": "instruction", "response_column": "response",
-    # fine-tuning
-    "init_from": SCRATCH, "lora_r": 0, "lora_alpha": 16.0, "lora_dropout": 0.05,
-    "lora_target_modules": "c_attn", "lora_export": "merged", "export_dtype": "float32",
-    "export_gguf": False, "upload_to": "",
-    # model
-    "vocab_size": None, "n_positions": None, "n_embd": None, "n_layer": None, "n_head": None,
-    "n_inner": None, "dropout": None,
-    # training
-    "batch_size": None, "gradient_accumulation_steps": None, "learning_rate": None, "weight_decay": None,
-    "max_grad_norm": None, "epochs": None, "max_steps": None, "warmup_steps": None, "max_length": None,
-    "save_steps": None, "eval_steps": None, "eval_blocks": None, "max_checkpoints": None,
-    "time_budget_minutes": None, "max_bad_steps": 10, "resume_from_checkpoint": "auto",
-    "precision": "auto", "devices": "auto", "torch_compile": False, "seed": 42, "report_to": "none",
-    "dry_run": False,
-    # generation
-    "prompts": None, "max_new_tokens": 60, "temperature": 0.8, "top_k": 50, "top_p": 0.95,
-    "repetition_penalty": 1.0, "num_return_sequences": 1, "generation_seed": 0, "sample_from": "",
-    # after training
-    "eval_hellaswag": "", "hellaswag_items": 0,
-}
-PARAMETERS = tuple(DEFAULTS)
-
-# Parameters whose notebook spelling differs from their config field's type.
-BOUNDARY_TYPES: dict[str, Any] = {
-    "preset": str, "output_dir": str | None, "lora_target_modules": str,  # comma-separated
-    "prompts": list | str | None, "generation_seed": int, "devices": str | int,
-}
+PARAMETERS = NAMES  # the notebook's parameters, in the parameters cell's order
 
 
 def resolve(params: Mapping[str, Any]) -> RunConfig:
@@ -89,11 +56,35 @@ def resolve(params: Mapping[str, Any]) -> RunConfig:
         problems = [f"{name}='': {why}" for name, why in _NOT_EMPTY.items() if merged[name] == ""]
     if problems:
         raise ConfigError(_format(problems))
-    cfg = _build(preset, merged)
-    problems = config.validate(cfg) or probe(cfg)  # the rules first: they answer at once
+    cfg = dataclasses.replace(_build(preset, merged), given=tuple(explicit))
+    problems = parameters.value_problems(merged) + config.validate(cfg) or probe(cfg)  # the rules answer at once
     if problems:
         raise ConfigError(_format(problems))
     return cfg
+
+
+def describe(cfg: RunConfig) -> str:
+    """The configuration as the setup cell shows it: every value the preset gave (each parameter
+    left at None), by heading, then the values given here; the rest are the cell's defaults."""
+    values = values_of(cfg)
+    lines = [f"preset {cfg.preset}, output_dir {cfg.output_dir}"]
+    for group in parameters.GROUPS:
+        filled = [f"{p.name} = {values[p.name]!r}" for p in parameters.TABLE
+                  if p.group == group and p.presets and p.name not in cfg.given]
+        if filled:
+            lines.append(f"{group}, from preset {cfg.preset}: {', '.join(filled)}")
+    given = [f"{name} = {values[name]!r}" for name in cfg.given if name not in ("preset", "output_dir")]
+    if given:
+        lines.append(f"given here: {', '.join(given)}")
+    lines.append(f"every other parameter at its default in the parameters cell (docs/parameters.md); the time "
+                 f"budget counts from {config.started(cfg)}, the session's start")
+    return "\n".join(lines)
+
+
+def values_of(cfg: RunConfig) -> dict[str, Any]:
+    """Each parameter's resolved value, by its notebook name."""
+    sections = {"": cfg, **{name: getattr(cfg, name) for name in config.SECTIONS}}
+    return {p.name: getattr(sections[p.section], p.field) for p in parameters.TABLE}
 
 
 def probe(cfg: RunConfig) -> list[str]:
@@ -144,22 +135,8 @@ def passed_names(params: Mapping[str, Any]) -> set[str]:
 
 
 def parameter_type(name: str) -> Any:
-    """What the notebook may pass as `name`: its config field's annotation, None allowed where
-    None is the default ("the preset's value")."""
-    if name in BOUNDARY_TYPES:
-        return BOUNDARY_TYPES[name]
-    annotation = _FIELD_TYPES[name]
-    return annotation | None if DEFAULTS[name] is None else annotation
-
-
-def _field_types() -> dict[str, Any]:
-    hints = {}
-    for cls in (config.DataConfig, config.ModelConfig, config.TrainConfig, config.SamplingConfig, RunConfig):
-        hints.update(typing.get_type_hints(cls, vars(config)))
-    return {name: hints[name] for name in PARAMETERS if name in hints}
-
-
-_FIELD_TYPES = _field_types()
+    """What the notebook may pass as `name` (None allowed where None is the default: "the preset's value")."""
+    return parameters.BY_NAME[name].type
 
 
 def _number_from_text(name: str, value: Any) -> Any:
@@ -213,23 +190,18 @@ def _describe(expected: Any) -> str:
 
 
 def _build(preset: str, v: dict[str, Any]) -> RunConfig:
-    def pick(cls, **values):
-        names = [f.name for f in dataclasses.fields(cls) if f.name in v and f.name not in values]
-        return cls(**{name: v[name] for name in names}, **values)
-
-    output_dir = Path(v["output_dir"]) if v["output_dir"] is not None else paths.default_output_dir(preset)
-    targets = tuple(m.strip() for m in v["lora_target_modules"].split(",") if m.strip())
-    prompts = (v["prompts"],) if isinstance(v["prompts"], str) else tuple(v["prompts"])
-    return RunConfig(
-        preset=preset, output_dir=output_dir, data=pick(config.DataConfig),
-        model=pick(config.ModelConfig, lora_target_modules=targets), train=pick(config.TrainConfig),
-        sampling=pick(config.SamplingConfig, prompts=prompts, seed=v["generation_seed"]),
-        resume_from_checkpoint=str(v["resume_from_checkpoint"]), dry_run=v["dry_run"],
-        devices=v["devices"], report_to=v["report_to"], lora_export=v["lora_export"], export_dtype=v["export_dtype"],
-        export_gguf=v["export_gguf"], upload_to=str(v["upload_to"]),
-        sample_from=str(v["sample_from"]), eval_hellaswag=str(v["eval_hellaswag"]),
-        hellaswag_items=v["hellaswag_items"],
-    )
+    """The RunConfig of resolved values `v`: each parameter into its section's field, in the
+    field's own form (a tuple of prompts, of LoRA modules; a Path)."""
+    v = {**v, "output_dir": Path(v["output_dir"]) if v["output_dir"] is not None else paths.default_output_dir(preset),
+         "lora_target_modules": tuple(m.strip() for m in v["lora_target_modules"].split(",") if m.strip()),
+         "prompts": (v["prompts"],) if isinstance(v["prompts"], str) else tuple(v["prompts"])}
+    for name in ("resume_from_checkpoint", "upload_to", "sample_from", "eval_hellaswag"):
+        v[name] = str(v[name])  # a Path from a job file
+    fields: dict[str, dict[str, Any]] = {section: {} for section in ("", *config.SECTIONS)}
+    for p in parameters.TABLE:
+        fields[p.section][p.field] = v[p.name]
+    sections = {name: cls(**fields[name]) for name, cls in config.SECTIONS.items()}
+    return RunConfig(**fields[""], **sections)
 
 
 def _unknown(name: str) -> str:

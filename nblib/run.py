@@ -20,14 +20,16 @@ prints one plain line; each later cell prints one line saying it did nothing and
 cell, the last, says where the run stopped. So Run All ends quietly, papermill exits 0, and
 whoever scrolls to the bottom finds the reason. Running a cell again, from the one that stopped or
 an earlier one, clears the stop. A refusal (console.Refusal: a bad parameter, another run's
-checkpoint, a busy folder, a bad data file) is an error that shows as its message: Run All stops
-at it.
+checkpoint, a busy folder, a bad data file) is shown in its cell as its message, in a few lines,
+and stops the run the same way; the summary cell raises it again, so Run All ends on the reason,
+at the bottom where Jupyter leaves the view, and papermill and `python -m nblib.job` fail.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,7 +69,9 @@ ORDER = list(STAGES)
 @dataclasses.dataclass(frozen=True)
 class Stop:
     stage: str  # a key of STAGES
-    reason: str  # one line: what happened and what to do
+    reason: str  # what happened and what to do
+    brief: str  # a few words, for the cells skipped after it
+    refusal: console.Refusal | None = None  # a refusal: the summary cell raises it again
 
     def __str__(self) -> str:
         return f"the run stopped in the {STAGES[self.stage]} cell: {self.reason}"
@@ -75,16 +79,22 @@ class Stop:
 
 def stage(name: str):
     """A cell's method: after a stop in an earlier cell it does nothing but say so; run again at
-    or before the cell that stopped, it clears the stop and does its work."""
+    or before the cell that stopped, it clears the stop and does its work. A refusal it meets
+    is shown, in its cell, as its message, and becomes the run's stop."""
     def decorate(method):
         @functools.wraps(method)
         def cell(self: Run, *args, **kwargs):
             if self.stopped is not None:
                 if ORDER.index(name) > ORDER.index(self.stopped.stage):
-                    print(f"skipped: {self.stopped}")
+                    print(f"skipped: the run stopped in the {STAGES[self.stopped.stage]} cell "
+                          f"({self.stopped.brief}); the summary at the bottom says more")
                     return None
                 self.stopped = None
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except console.Refusal as refusal:
+                self._refused(name, refusal)
+                return None
         return cell
     return decorate
 
@@ -92,41 +102,45 @@ def stage(name: str):
 def start(values: Mapping[str, Any]) -> Run:
     """The setup cell: resolve the parameters (a notebook's `globals()`, a job file's mapping),
     show the configuration and the hardware, seed, claim `output_dir` and say whether the run is
-    new or continues one.
-
-    Raises:
-        console.ConfigError: a bad or misspelt parameter, or a GPU preset on a CPU.
-        lock.RunDirectoryBusy: another process runs in `output_dir`.
-        contract.RunMismatch: `output_dir` holds another run's checkpoint.
-    """
+    new or continues one. A refusal here (a bad or misspelt parameter, a GPU preset on a CPU, a
+    busy `output_dir`, another run's checkpoint) is shown, and stops the run: the summary cell
+    raises it."""
     console.show_logs()
-    cfg = params.resolve(values)
-    print(cfg.describe())
-    device = hardware.detect(cfg.train.precision, cfg.devices)
-    print(device.describe(), collectives.describe(device, cfg.train), sep="\n")
-    warning = hardware.cpu_check(cfg, device)
-    if warning:
-        log.warning(warning)
-    state.seed_everything(cfg.train.seed)
-    run = Run(cfg, device)
-    if cfg.dry_run:
-        print(contract.preview(cfg, device.world_size))
-        run.stopped = Stop("setup", "dry_run=True shows the configuration and trains nothing; set "
-                                    "dry_run=False and run the setup cell again to train")
-        print(f"dry run: {run.stopped.reason}")
-        return run
-    lock.hold(cfg.output_dir)  # until the summary cell: a second run started here stops, naming this one
-    print(contract.preview(cfg, device.world_size))
+    run = Run()
+    run.setup(values)
     return run
 
 
 class Run:
     """One configuration's run through the notebook's cells, in this process."""
 
-    def __init__(self, cfg: RunConfig, device: Device):
-        self.cfg, self.device = cfg, device
+    def __init__(self):
+        self.cfg: RunConfig | None = None  # None until the setup cell has resolved the parameters
+        self.device: Device | None = None
         self.stopped: Stop | None = None
         self.result: RunResult | None = None
+
+    @stage("setup")
+    def setup(self, values: Mapping[str, Any]) -> None:
+        cfg = self.cfg = params.resolve(values)
+        print(params.describe(cfg))
+        device = self.device = hardware.detect(cfg.train.precision, cfg.devices)
+        print(device.describe(), collectives.describe(device, cfg.train), sep="\n")
+        warning = hardware.cpu_check(cfg, device)
+        if warning:
+            log.warning(warning)
+        state.seed_everything(cfg.train.seed)
+        if not cfg.dry_run:
+            lock.hold(cfg.output_dir)  # until the summary cell: a second run here stops, naming this one
+        print(contract.preview(cfg, device.world_size))
+        if cfg.dry_run:
+            self.stopped = Stop("setup", "dry_run=True shows the configuration and trains nothing; set "
+                                         "dry_run=False and run the setup cell again to train", "dry_run=True")
+            print(f"dry run: {self.stopped.reason}")
+
+    def _refused(self, name: str, refusal: console.Refusal) -> None:
+        self.stopped = Stop(name, str(refusal).splitlines()[0], f"refused: {type(refusal).__name__}", refusal)
+        print(f"{type(refusal).__name__}: {refusal}", file=sys.stderr)
 
     @stage("data")
     def data(self) -> Corpus:
@@ -155,7 +169,7 @@ class Run:
         self.result = result
         print(result.describe())
         if result.stop_reason is StopReason.INTERRUPTED:
-            self.stopped = Stop("train", result.headline())
+            self.stopped = Stop("train", result.headline(), f"interrupted at step {result.state.step:,}")
         result.raise_if_failed()
         return result
 
@@ -212,10 +226,14 @@ class Run:
 
     def summary(self) -> None:
         """The last cell, always run: free `output_dir`, list what the run left, and say where it
-        stopped, if it did."""
-        lock.release(self.cfg.output_dir)
-        if not self.cfg.dry_run:
-            print(export.summary(self.cfg.output_dir))
+        stopped, if it did; a refusal is raised again here, so Run All ends on it (and papermill
+        and `python -m nblib.job` fail)."""
+        if self.cfg is not None:
+            lock.release(self.cfg.output_dir)
+            if not self.cfg.dry_run and self.cfg.output_dir.is_dir():
+                print(export.summary(self.cfg.output_dir))
+        if self.stopped is not None and self.stopped.refusal is not None:
+            raise self.stopped.refusal
         print(str(self.stopped) if self.stopped else "the run went through every cell")
 
     def _data_identity(self) -> dict:

@@ -40,7 +40,7 @@ class InterruptFlag:
                 raise KeyboardInterrupt
             return
         self.signal_name = signal.Signals(signum).name
-        log.warning("%s received: stopping after the current optimizer step", self.signal_name)
+        log.info("%s received: stopping after the current optimizer step", self.signal_name)
 
     @contextlib.contextmanager
     def installed(self):

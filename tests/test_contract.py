@@ -94,7 +94,11 @@ def test_a_changed_max_length_or_seed_is_refused_in_the_setup_cell(finished_run,
     message = str(error.value)
     assert "max_length: checkpoint 64, this run 32" in message
     assert "seed: checkpoint 42, this run 7 (the data order and the held-out split follow it)" in message
-    assert "nblib.run.start(" in error.value.source  # the setup cell: before the data cell's work
+    written = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    data_cell = next(c for c in written.cells if "run.data(" in c.source)  # refused in setup: no data work
+    assert "".join(o.get("text", "") for o in data_cell.outputs).startswith(
+        "skipped: the run stopped in the Setup cell (refused: RunMismatch)")
+
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ def test_two_runs_started_together_and_a_killed_run_resumed(tmp_path):
         with pytest.raises(papermill.PapermillExecutionError) as error:
             execute(tmp_path, preset="smoke", output_dir=str(run), max_steps=10)
         assert f"is in use by another run: process {kernel} on" in str(error.value)
-        assert "nblib.lock.hold" in str(error.value)  # the setup cell
+        assert str(error.value).count("RunDirectoryBusy") == 1 and "Traceback" not in str(error.value)
         assert first.poll() is None
         newest = checkpoint.list_checkpoints(run / "checkpoints")[-1][0]
         wait_for(lambda: checkpoint.list_checkpoints(run / "checkpoints")[-1][0] > newest)  # undisturbed

@@ -77,7 +77,7 @@ def test_the_interrupt_button_ends_quietly_and_the_summary_says_where(tmp_path):
     assert re.search(r"interrupted by SIGINT at step \d+ of 100,000: saved .*emergency_checkpoint\.pt", train)
     assert re.search(r"this session: steps 1 to \d+ \(\d+ steps, [\d,]+ tokens\) in \d+ s", train)
     assert "the run: best validation loss" in train and not ABSURD.search(train.split("peak memory")[0])
-    assert cell_text(of(cells, "run.evaluate(")).startswith("skipped: the run stopped in the Train cell: interrupted")
+    assert cell_text(of(cells, "run.evaluate(")).startswith("skipped: the run stopped in the Train cell (interrupted")
     assert "the run stopped in the Train cell: interrupted by SIGINT" in cell_text(of(cells, "run.summary("))
     assert not INFO_LINES.search(stream(cells, "stderr"))  # information is not shown as an error
     assert (run / "emergency_checkpoint.pt").is_file() and not (run / "final_model").exists()
@@ -101,26 +101,32 @@ def test_a_dry_run_ends_quietly_and_trains_nothing(tmp_path):
     setup = cell_text(of(cells, "nblib.run.start("))
     assert setup.count("preset smoke, output_dir") == 1 and "started_at" not in setup  # the config once
     assert "dry run: dry_run=True shows the configuration and trains nothing" in setup
-    assert cell_text(of(cells, "run.data(")).startswith("skipped: the run stopped in the Setup cell")
+    assert cell_text(of(cells, "run.data(")).startswith("skipped: the run stopped in the Setup cell (dry_run=True)")
     assert "the run stopped in the Setup cell" in cell_text(of(cells, "run.summary("))
     assert not (tmp_path / "run" / "data_cache").exists()
 
 
-def test_a_refusal_shows_its_message_in_a_few_lines(tmp_path):
-    """Another run's checkpoint (n_layer changed): the message and its fix, not nblib's frames."""
+def test_a_refusal_shows_its_message_in_a_few_lines_and_ends_run_all_at_the_bottom(tmp_path):
+    """Another run's checkpoint (n_layer changed): the message and its fix, not nblib's frames; in
+    the setup cell, and again in the summary, where Jupyter leaves the view after Run All."""
     run = str(tmp_path / "run")
     live(tmp_path, preset="smoke", output_dir=run, max_steps=10)
     cells = live(tmp_path, preset="smoke", output_dir=run, max_steps=10, n_layer=3)
-    error, = errors(of(cells, "nblib.run.start("))
+    setup = of(cells, "nblib.run.start(")
+    assert not errors(setup) and "RunMismatch: " in stream([setup], "stderr")
+    assert "n_layer: checkpoint 2, this run 3" in stream([setup], "stderr")
+    assert cell_text(of(cells, "run.data(")).startswith("skipped: the run stopped in the Setup cell (refused")
+    error, = errors(of(cells, "run.summary("))
     shown = "\n".join(error.traceback)
     assert len(shown.splitlines()) <= 15, shown
     assert error.ename == "RunMismatch" and "n_layer: checkpoint 2, this run 3" in shown
     assert "To continue it, set these back" in shown and "File " not in shown
+    assert [c for c in cells if errors(c)] == [of(cells, "run.summary(")]
 
 
 def test_the_gpu_preset_on_a_cpu_is_refused_in_a_few_lines_before_any_folder_is_made(tmp_path):
     cells = live(tmp_path, output_dir=str(tmp_path / "run"))
-    error, = errors(of(cells, "nblib.run.start("))
+    error, = errors(of(cells, "run.summary("))
     shown = "\n".join(error.traceback)
     assert len(shown.splitlines()) <= 15 and "Settings -> Accelerator -> GPU T4 x2" in shown
     assert "File " not in shown and not (tmp_path / "run").exists()
