@@ -17,6 +17,9 @@ from test_notebook import execute, outputs_text
 
 from nblib import checkpoint, collectives, launch, params
 
+pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -202,7 +205,6 @@ def test_after_the_workers_the_notebooks_model_is_on_the_notebooks_device(tiny_c
 WORKER_STDERR = """import os, warnings
 import nblib.train
 
-pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 _run = nblib.train.run
 
 def _run_noisily(*args, **kwargs):

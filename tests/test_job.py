@@ -14,6 +14,9 @@ from conftest import tiny_params
 
 from nblib import checkpoint, files
 
+pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
+
+
 REPO = Path(__file__).resolve().parent.parent
 # The driver logs each finished optimizer step and slows every fsync, so that random kills
 # often land in the middle of a save.
@@ -21,7 +24,6 @@ DRIVER = """
 import json, sys, time
 from nblib import files, job, train
 
-pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 steps_log = open(sys.argv[2], "a", buffering=1)
 step = train.optimizer_step
 def logged(state, *a, **k):

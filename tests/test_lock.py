@@ -15,6 +15,7 @@ from nblib import checkpoint, lock
 
 pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 
+
 REPO = Path(__file__).resolve().parent.parent
 HOLD_FOREVER = ("import signal, sys; from nblib import lock; lock.hold(sys.argv[1]); print('held', flush=True); "
                 "signal.pause()")

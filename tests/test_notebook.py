@@ -16,6 +16,7 @@ from nblib import checkpoint, params
 
 pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 
+
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "text_generation_kaggle_production.ipynb"
 
 

@@ -43,7 +43,7 @@ def test_papermill_reads_a_parameter_file(tmp_path):
     text = "".join("".join(o.get("text", "")) for c in json.loads(out.read_text())["cells"]
                    for o in c.get("outputs", []))
     assert text.count("preset smoke, output_dir") == 1  # dry_run: the resolved configuration, once
-    assert "max_steps=40" in text and "prompts=('Return the',)" in text
+    assert "max_steps = 40" in text and "prompts = ('Return the',)" in text
 
 
 def run_job(*argv, cwd=PARAMS.parent.parent):

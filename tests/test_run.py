@@ -14,6 +14,7 @@ from papermill.parameterize import parameterize_notebook
 
 pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 
+
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "text_generation_kaggle_production.ipynb"
 INFO_LINES = re.compile(r"^(disk: |session clock|step \d+/\d+: |resum|exported |a new run|continuing the run|"
                         r"training a byte-level|trained a byte-level|dataset |held out |reusing )", re.M)
