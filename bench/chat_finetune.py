@@ -24,7 +24,13 @@ import papermill
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import chat, data, evaluation, hardware, params  # noqa: E402
+from nblib import data  # noqa: E402
+from nblib.data import chat  # noqa: E402
+from nblib.evaluation import validation  # noqa: E402
+from nblib.setup import (
+    hardware,  # noqa: E402
+    params,  # noqa: E402
+)
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "text_generation_kaggle_production.ipynb"
 SENTENCE = re.compile(r"^(.+?\.)(\s|$)", re.S)
@@ -79,7 +85,7 @@ def main() -> None:
     corpus = data.prepare(cfg)
     device = hardware.detect(cfg.train.precision, 1)
     held_out = corpus.blocks("validation")[:cfg.train.eval_blocks]
-    before = evaluation.evaluate(AutoModelForCausalLM.from_pretrained(str(args.base)), held_out, device, 8)
+    before = validation.evaluate(AutoModelForCausalLM.from_pretrained(str(args.base)), held_out, device, 8)
     papermill.execute_notebook(str(NOTEBOOK), str(args.work / "out.ipynb"), parameters=values,
                                cwd=str(NOTEBOOK.parent), progress_bar=False)
     history = json.loads((args.work / "run" / "training_history.json").read_text())

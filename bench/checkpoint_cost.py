@@ -17,7 +17,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import checkpoint, hardware, model, optimization, parameters, params  # noqa: E402
+from nblib import model  # noqa: E402
+from nblib.setup import (
+    hardware,  # noqa: E402
+    parameters,  # noqa: E402
+    params,  # noqa: E402
+)
+from nblib.training import (
+    checkpoint,  # noqa: E402
+    optimization,  # noqa: E402
+)
 
 
 class SizedTokenizer:

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib.params import resolve  # noqa: E402
+from nblib.setup.params import resolve  # noqa: E402
 
 TRIALS = {
     "preset": {},

@@ -20,7 +20,8 @@ sys.path.insert(0, str(REPO))
 
 PREPARE = """
 import sys, time
-from nblib import data, params
+from nblib import data
+from nblib.setup import params
 started = time.perf_counter()
 corpus = data.prepare(params.resolve(dict(preset="smoke", dataset=sys.argv[1], tokenizer=sys.argv[2],
                                           output_dir=sys.argv[3], max_length=64)))
@@ -40,7 +41,12 @@ print(time.perf_counter() - started, count)
 FIRST_STEP = """
 import time
 started = time.perf_counter()
-from nblib import config, data, hardware, model, optimization, state
+from nblib.setup import config
+from nblib import data
+from nblib.setup import hardware
+from nblib import model
+from nblib.training import optimization
+from nblib.training import state
 cfg = params.resolve(dict(preset="smoke", output_dir=__import__("sys").argv[1]))
 state.seed_everything(0)
 corpus = data.prepare(cfg)
@@ -63,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=100)
     args = parser.parse_args()
-    from nblib import sources, tokenizer
+    from nblib.data import sources, tokenizer
 
     work = Path(tempfile.mkdtemp())
     docs = "\n\n".join(sources.python_docs())

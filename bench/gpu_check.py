@@ -10,7 +10,7 @@ when it is done, with its own wall time; the last line on stdout is one JSON obj
 check's result by name (a check that failed holds "error"; one that needs CUDA, on a CPU, holds
 "skipped"). Every check but two_ranks trains in this process with devices=1, so the memory cap and
 the memory readings act where the work runs. Checks:
-  peak        matmul TFLOP/s per precision, measured as nblib.mfu measures (on a GPU n=4096, the best
+  peak        matmul TFLOP/s per precision, measured as nblib.monitoring.mfu measures (on a GPU n=4096, the best
               of 50 synchronised timings), next to the datasheet figure nblib uses where it has one
   t4_shape    the kaggle-t4 model in the precision 'auto' picks: finite losses, tokens/s, MFU, peak memory
   fp16        the same forced to fp16, so any GPU runs the T4's path (GradScaler, chunked loss):
@@ -44,8 +44,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import checkpoint, collectives, data, hardware, launch, loss, mfu, model, params, state, train  # noqa: E402
-from nblib.config import RunConfig  # noqa: E402
+from nblib import (
+    data,  # noqa: E402
+    model,  # noqa: E402
+)
+from nblib.monitoring import mfu  # noqa: E402
+from nblib.setup import (
+    hardware,  # noqa: E402
+    params,  # noqa: E402
+)
+from nblib.setup.config import RunConfig  # noqa: E402
+from nblib.training import (
+    checkpoint,  # noqa: E402
+    collectives,  # noqa: E402
+    launch,  # noqa: E402
+    loop,  # noqa: E402
+    loss,  # noqa: E402
+    state,  # noqa: E402
+)
 
 GPU_SHAPE = dict(preset="kaggle-t4", dataset="builtin:python-docs", dataset_config="", tokenizer="bpe:8192",
                  vocab_size=50257, eval_blocks=64, time_budget_minutes=0, resume_from_checkpoint="",
@@ -61,7 +77,7 @@ class Runs:
     def __init__(self, shape: dict, root: Path, steps: int):
         self.shape, self.root, self.steps, self.count = shape, root, steps, 0
 
-    def run(self, world_size: int = 0, **overrides) -> tuple[train.RunResult, RunConfig, hardware.Device]:
+    def run(self, world_size: int = 0, **overrides) -> tuple[loop.RunResult, RunConfig, hardware.Device]:
         """A run of `steps` with `overrides`, in this process (devices=1), or in `world_size`
         processes whatever the GPU count (two ranks may share one GPU over gloo, which the
         parameters refuse). Evaluations every third of the run, a checkpoint at its end."""
@@ -84,14 +100,14 @@ def number(value: float, digits: int = 4) -> float | None:
     return round(value, digits) if math.isfinite(value) else None
 
 
-def throughput(result: train.RunResult) -> dict:
+def throughput(result: loop.RunResult) -> dict:
     """Tokens/s of the history's last record, and how many steps they count."""
     records = result.history
     return dict(tokens_per_second=number(records[-1]["tokens_per_second"], 1),
                 timed_steps=records[-1]["step"] - (records[-2]["step"] if len(records) > 1 else 0))
 
 
-def losses(result: train.RunResult) -> dict:
+def losses(result: loop.RunResult) -> dict:
     step_losses = result.state.step_losses
     return dict(steps=result.state.step, finite_losses=sum(math.isfinite(x) for x in step_losses),
                 skipped_steps=result.state.skipped_steps, final_loss=number(step_losses[-1]))

@@ -26,7 +26,8 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import hardware, hellaswag  # noqa: E402
+from nblib.evaluation import hellaswag  # noqa: E402
+from nblib.setup import hardware  # noqa: E402
 
 TASK = """task: nblib_hellaswag_local
 dataset_path: json

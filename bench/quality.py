@@ -21,8 +21,20 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from nblib import config, data, evaluation, hardware, model, state, train  # noqa: E402
-from nblib.params import resolve  # noqa: E402
+from nblib import (
+    data,  # noqa: E402
+    model,  # noqa: E402
+)
+from nblib.evaluation import validation  # noqa: E402
+from nblib.setup import (
+    config,  # noqa: E402
+    hardware,  # noqa: E402
+)
+from nblib.setup.params import resolve  # noqa: E402
+from nblib.training import (
+    loop,  # noqa: E402
+    state,  # noqa: E402
+)
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -56,21 +68,21 @@ def main() -> None:
     state.seed_everything(0)
     net = model.build(cfg.model, corpus.tokenizer)
     started = time.perf_counter()
-    result = train.run(cfg, hardware.detect("auto"), net, corpus)
+    result = loop.run(cfg, hardware.detect("auto"), net, corpus)
     rows.append(dict(runner="nblib", precision=hardware.detect("auto").precision,
                      seconds=time.perf_counter() - started, tokens=result.state.tokens_seen,
-                     val_loss=evaluation.evaluate(net, val, fp32, 8)))
+                     val_loss=validation.evaluate(net, val, fp32, 8)))
 
     state.seed_everything(0)
     net = model.build(cfg.model, corpus.tokenizer)
     started = time.perf_counter()
     tokens = trainer_run(cfg, net, corpus)
     rows.append(dict(runner="Trainer", precision="fp32", seconds=time.perf_counter() - started,
-                     tokens=tokens, val_loss=evaluation.evaluate(net, val, fp32, 8)))
+                     tokens=tokens, val_loss=validation.evaluate(net, val, fp32, 8)))
 
     for row in rows:
         row.update(bench="quality", dataset=cfg.data.dataset,
-                   perplexity=round(evaluation.perplexity(row["val_loss"]), 2),
+                   perplexity=round(validation.perplexity(row["val_loss"]), 2),
                    seconds=round(row["seconds"], 1), val_loss=round(row["val_loss"], 4))
         print(json.dumps(row))
     print(f"\n{'runner':8} {'precision':9} {'tokens':>10} {'seconds':>8} {'val loss':>9} {'perplexity':>10}")

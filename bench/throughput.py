@@ -3,7 +3,7 @@
 Same model, data, micro-batch, accumulation and precision, on one device (the first GPU where
 there is one, else the CPU); tokens/s measured after warm-up steps, with the GPU synchronised; model
 FLOPs utilisation against the device's matmul peak in that precision, measured in the same process
-(nblib.mfu.measured_peak: on a GPU n=4096, the best of 50 timings).
+(nblib.monitoring.mfu.measured_peak: on a GPU n=4096, the best of 50 timings).
 
     python bench/throughput.py [--size smoke|bar|guide|guide-256|guide-512] [--steps 12] [--warmup 3]
                                [--precisions fp32,auto] [--repeats 3]
@@ -30,9 +30,22 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import config, data, hardware, model, optimization, state, tokenizer, train  # noqa: E402
-from nblib.mfu import flops_per_token, measured_peak, shown, utilisation  # noqa: E402
-from nblib.params import resolve  # noqa: E402
+from nblib import (
+    data,  # noqa: E402
+    model,  # noqa: E402
+)
+from nblib.data import tokenizer  # noqa: E402
+from nblib.monitoring.mfu import flops_per_token, measured_peak, shown, utilisation  # noqa: E402
+from nblib.setup import (
+    config,  # noqa: E402
+    hardware,  # noqa: E402
+)
+from nblib.setup.params import resolve  # noqa: E402
+from nblib.training import (
+    loop,  # noqa: E402
+    optimization,  # noqa: E402
+    state,  # noqa: E402
+)
 
 SIZES = {  # the smoke preset's model, cpu-demo's at issue 15's bar, and the guide's at T=128/256/512
     "smoke": dict(preset="smoke", vocab_size=512, batch_size=16, gradient_accumulation_steps=1),
@@ -68,7 +81,7 @@ def run_nblib(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: in
     (evaluations every `warmup` steps; each record times its own steps, without the evaluation)."""
     state.seed_everything(0)
     net = model.build(cfg.model, corpus.tokenizer)
-    result = train.run(cfg, hardware.detect(cfg.train.precision, 1), net, corpus)
+    result = loop.run(cfg, hardware.detect(cfg.train.precision, 1), net, corpus)
     records = result.history
     tokens = [(r["step"] - before["step"]) * cfg.train.tokens_per_step for before, r in zip(records, records[1:])]
     return sum(tokens) / sum(n / r["tokens_per_second"] for n, r in zip(tokens, records[1:]))

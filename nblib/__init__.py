@@ -1,13 +1,17 @@
 """nblib: the tested library behind the GPT-2 training notebook.
 
-The notebook calls one module per step: config -> hardware -> data -> model -> launch ->
-evaluation -> export -> generate -> plots. Modules load on first use (`nblib.data`), so
-`python -m nblib.generate` and `python -m nblib.job` run without importing the rest.
+Its folders follow the notebook's cells: setup/ (parameters, configuration, hardware, the run's
+folder), data/, model/, training/, evaluation/, export/ (with generation and the upload), and
+monitoring/ (progress, curves, reporters, MFU). `run` drives the cells in order; `job` and
+`kaggle` are the command lines; `console` is what a person sees; `files` writes atomically.
+Modules load on first use (`nblib.data`), so `python -m nblib.job` imports only what it needs.
 """
 import importlib
 from pathlib import Path
 
-__all__ = sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+_HERE = Path(__file__).parent
+__all__ = sorted([p.stem for p in _HERE.glob("*.py") if not p.stem.startswith("_")]
+                 + [p.parent.name for p in _HERE.glob("*/__init__.py")])
 
 
 def __getattr__(name: str):

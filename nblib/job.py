@@ -19,9 +19,11 @@ from typing import Any
 
 import yaml
 
-from . import console, launch, params
-from .outcome import RunResult
-from .run import start
+from nblib import console
+from nblib.run import start
+from nblib.setup import params
+from nblib.training import launch
+from nblib.training.outcome import RunResult
 
 log = logging.getLogger(__name__)
 

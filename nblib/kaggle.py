@@ -129,8 +129,8 @@ def embed_nblib(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
 def _nblib_zip() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted((REPO / "nblib").glob("*.py")):
-            archive.write(path, f"nblib/{path.name}")
+        for path in sorted((REPO / "nblib").rglob("*.py")):
+            archive.write(path, f"nblib/{path.relative_to(REPO / 'nblib')}")
     return buffer.getvalue()
 
 
@@ -145,12 +145,13 @@ def _version() -> str:
 def make_bundle(out: Path, values: dict[str, Any], dataset_id: str) -> Path:
     """Resolve the parameters `values` as the notebook would, tokenize once, and write the
     bundle to `out`."""
-    from . import bundle, data, lock, params
+    from nblib.data import bundle, cache
+    from nblib.setup import lock, params
 
     cfg = params.resolve(values)
     taken = lock.hold(cfg.output_dir)  # its data cache is built there: not beside a run in progress
     try:
-        corpus = data.prepare(cfg)
+        corpus = cache.prepare(cfg)
         return bundle.write(corpus.cache_dir, cfg, out, dataset_id)
     finally:
         if taken:

@@ -35,28 +35,18 @@ from typing import Any
 
 import torch
 
-from . import (
-    collectives,
-    console,
-    contract,
-    data,
-    evaluation,
-    export,
-    generate,
-    hardware,
-    hellaswag,
-    launch,
-    lock,
-    params,
-    plots,
-    publish,
-    state,
-)
-from . import model as models
-from .config import RunConfig
-from .data import Corpus
-from .hardware import Device
-from .outcome import RunResult, StopReason
+from nblib import console
+from nblib.data import cache
+from nblib.data.cache import Corpus
+from nblib.evaluation import hellaswag, validation
+from nblib.export import generate, huggingface, publish
+from nblib.model import gpt2
+from nblib.monitoring import plots
+from nblib.setup import hardware, lock, params
+from nblib.setup.config import RunConfig
+from nblib.setup.hardware import Device
+from nblib.training import collectives, contract, launch, state
+from nblib.training.outcome import RunResult, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +134,7 @@ class Run:
 
     @stage("data")
     def data(self) -> Corpus:
-        corpus = data.prepare(self.cfg)
+        corpus = cache.prepare(self.cfg)
         corpus.made_for = self._data_identity()
         print(corpus.describe())
         return corpus
@@ -152,9 +142,9 @@ class Run:
     @stage("model")
     def model(self, corpus: Corpus) -> torch.nn.Module:
         self._check_corpus(corpus, "Model")
-        model = models.build(self.cfg.model, corpus.tokenizer)
+        model = gpt2.build(self.cfg.model, corpus.tokenizer)
         model.nblib_made_for = self._model_identity()
-        print(models.describe(model))
+        print(gpt2.describe(model))
         return model
 
     @stage("train")
@@ -176,15 +166,15 @@ class Run:
     @stage("evaluate")
     def evaluate(self, model: torch.nn.Module, corpus: Corpus) -> float:
         """The best weights (lowest validation loss) into `model`, then the test split's loss."""
-        export.load_best_weights(model, self.cfg.output_dir)
-        loss = evaluation.evaluate_test(model, corpus, self.device, self.cfg)
-        print(f"test loss {loss:.4f}, perplexity {evaluation.perplexity(loss):.1f} (the best weights)")
+        huggingface.load_best_weights(model, self.cfg.output_dir)
+        loss = validation.evaluate_test(model, corpus, self.device, self.cfg)
+        print(f"test loss {loss:.4f}, perplexity {validation.perplexity(loss):.1f} (the best weights)")
         return loss
 
     @stage("curves")
     def curves(self) -> None:
         """The history's curves, shown and saved as training_curves.png."""
-        history = evaluation.read_history(self.cfg.output_dir)
+        history = validation.read_history(self.cfg.output_dir)
         if history:
             plots.curves(history, self.cfg.output_dir)
         else:
@@ -192,7 +182,7 @@ class Run:
 
     @stage("export")
     def export(self, model: torch.nn.Module, corpus: Corpus):
-        path = export.final_model_of_run(model, corpus.tokenizer, self.cfg)
+        path = huggingface.final_model_of_run(model, corpus.tokenizer, self.cfg)
         print(f"exported {path}")
         return path
 
@@ -202,7 +192,7 @@ class Run:
         if not self.cfg.eval_hellaswag:
             return None
         score = hellaswag.evaluate_run(model, corpus.tokenizer, self.device, self.cfg)
-        final_dir = self.cfg.output_dir / export.FINAL_MODEL
+        final_dir = self.cfg.output_dir / huggingface.FINAL_MODEL
         if final_dir.is_dir():  # the card, written at the export, gains the score
             publish.write_card(final_dir, self.cfg, chat=corpus.is_chat)
         print(score.describe())
@@ -231,18 +221,18 @@ class Run:
         if self.cfg is not None:
             lock.release(self.cfg.output_dir)
             if not self.cfg.dry_run and self.cfg.output_dir.is_dir():
-                print(export.summary(self.cfg.output_dir))
+                print(huggingface.summary(self.cfg.output_dir))
         if self.stopped is not None and self.stopped.refusal is not None:
             raise self.stopped.refusal
         print(str(self.stopped) if self.stopped else "the run went through every cell")
 
     def _data_identity(self) -> dict:
         t = self.cfg.train
-        return {"data": data.cache_key(self.cfg), "max_length": t.max_length, "stride": self.cfg.data.stride,
+        return {"data": cache.cache_key(self.cfg), "max_length": t.max_length, "stride": self.cfg.data.stride,
                 "drop_remainder": self.cfg.data.drop_remainder}
 
     def _model_identity(self) -> dict:
-        return {"model": dataclasses.asdict(self.cfg.model), "data": data.cache_key(self.cfg)}
+        return {"model": dataclasses.asdict(self.cfg.model), "data": cache.cache_key(self.cfg)}
 
     def _check_corpus(self, corpus: Corpus, cell: str) -> None:
         made_for = getattr(corpus, "made_for", None)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nblib import config, params, tokenizer
+from nblib.data import tokenizer
+from nblib.setup import config, params
 
 # Set by .ci/run where the optional packages are installed on purpose: a missing one fails there.
 REQUIRE_OPTIONAL = os.environ.get("NBLIB_REQUIRE_OPTIONAL") == "1"
@@ -129,7 +130,7 @@ sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "
 """
 
 FAKE_CLOCK = """import functools, sys, time
-from nblib import stopping
+from nblib.training import stopping
 # The time budget's clock: from this process's start, each reading a second later (two on
 # data-parallel rank 0, whose budget then runs out first), so no test waits for real time.
 _now = [time.time()]

@@ -27,8 +27,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "load":
         print(json.dumps(read(sys.argv[2])))
     else:
-        from nblib import export
+        from nblib.export import huggingface
 
         source = sys.argv[2]
-        export.final_model(AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source),
+        huggingface.final_model(AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source),
                            Path(sys.argv[3]))

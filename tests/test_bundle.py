@@ -3,8 +3,9 @@ import json
 import pytest
 from conftest import tiny_params
 
-from nblib import bundle, data
-from nblib.params import resolve
+from nblib import data
+from nblib.data import bundle
+from nblib.setup.params import resolve
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def test_bundle_holds_tokens_tokenizer_config_metadata_and_manifest(made_bundle)
 
 def test_a_run_from_the_bundle_skips_tokenization(made_bundle, tmp_path, monkeypatch):
     out, params, prepared = made_bundle
-    monkeypatch.setattr(data, "build_cache", lambda *a: pytest.fail("tokenized again"))
+    monkeypatch.setattr(data.cache, "build_cache", lambda *a: pytest.fail("tokenized again"))
     corpus = data.prepare(resolve({**params, "dataset": str(out), "output_dir": str(tmp_path / "run")}))
     assert corpus.tokens["train"].tolist() == prepared.tokens["train"].tolist()
     assert not (tmp_path / "run" / "data_cache").exists()

@@ -9,8 +9,12 @@ from conftest import tiny_params
 from test_notebook import execute, outputs_text
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
-from nblib import chat, contract, data, evaluation, hardware, params
-from nblib.loss import IGNORE_INDEX, counted_targets
+from nblib import data
+from nblib.data import chat
+from nblib.evaluation import validation
+from nblib.setup import hardware, params
+from nblib.training import contract
+from nblib.training.loss import IGNORE_INDEX, counted_targets
 
 COLOURS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black", "blood": "red",
            "sun": "yellow", "sea": "blue", "night": "dark"}
@@ -127,7 +131,7 @@ def test_chat_finetune_through_the_notebook_lowers_the_held_out_answer_loss(tmp_
     cfg = params.resolve(values)
     corpus = data.prepare(cfg)  # the notebook's cache
     device = hardware.detect("fp32", 1)
-    before = evaluation.evaluate(GPT2LMHeadModel.from_pretrained(str(pretrained_dir)),
+    before = validation.evaluate(GPT2LMHeadModel.from_pretrained(str(pretrained_dir)),
                                  corpus.blocks("validation")[:cfg.train.eval_blocks], device, 8)
     history = json.loads((run / "training_history.json").read_text())
     assert history[-1]["val_loss"] < 0.5 * before  # held-out answers only (train_on="responses")
@@ -149,7 +153,8 @@ def test_chat_finetune_through_the_notebook_lowers_the_held_out_answer_loss(tmp_
 def test_ranks_weigh_answers_by_the_whole_steps_count(tmp_path, tokenizer_dir):
     """Two ranks' answer counts differ: each divides by the step's count per rank, so their averaged
     gradients are the one-process gradient of the whole step (the per-token mean over all)."""
-    from nblib import model, optimization
+    from nblib import model
+    from nblib.training import optimization
 
     corpus = chat_corpus(tmp_path, tokenizer_dir)
     cfg = params.resolve(tiny_params(tmp_path, dataset=str(tmp_path / "chat.jsonl"), tokenizer=str(tokenizer_dir)))

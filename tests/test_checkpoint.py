@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from nblib import checkpoint
+from nblib.training import checkpoint
 
 
 def fake(step, **extra):

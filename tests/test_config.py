@@ -1,7 +1,8 @@
 import pytest
 from conftest import tiny_params
 
-from nblib import params, sources
+from nblib.data import sources
+from nblib.setup import params
 
 
 def test_presets_resolve_and_none_means_the_presets_value(tmp_path):

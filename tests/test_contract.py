@@ -13,7 +13,11 @@ from conftest import tiny_params, wikitext_lines
 from nbclient import NotebookClient
 from test_notebook import NOTEBOOK, execute, outputs_text
 
-from nblib import checkpoint, contract, data, evaluation, hardware, model, optimization, params, state, tokenizer, train
+from nblib import data, model
+from nblib.data import tokenizer
+from nblib.evaluation import validation
+from nblib.setup import hardware, params
+from nblib.training import checkpoint, contract, loop, optimization, state
 
 README = Path(__file__).resolve().parent.parent / "docs" / "resume-contract.md"
 
@@ -128,10 +132,10 @@ def test_evaluation_weights_every_token_the_same_whatever_the_eval_batch(tiny_co
     net = model.build(tiny_config.model, corpus.tokenizer)
     device = hardware.detect("fp32", 1)
     blocks = corpus.blocks("validation")[:13]
-    losses = [evaluation.evaluate(net, blocks, device, batch) for batch in (1, 4, 13)]
+    losses = [validation.evaluate(net, blocks, device, batch) for batch in (1, 4, 13)]
     assert losses == pytest.approx([losses[0]] * 3, rel=1e-6)
     with pytest.raises(ValueError, match="no blocks to evaluate"):
-        evaluation.evaluate(net, blocks[:0], device, 4)
+        validation.evaluate(net, blocks[:0], device, 4)
 
 
 @pytest.mark.slow
@@ -160,11 +164,11 @@ def test_train_run_twice_in_one_process_applies_the_new_learning_rate_and_weight
     device = hardware.detect("fp32", 1)
     corpus = data.prepare(tiny_config)
     state.seed_everything(0)
-    train.run(tiny_config, device, model.build(tiny_config.model, corpus.tokenizer), corpus)
+    loop.run(tiny_config, device, model.build(tiny_config.model, corpus.tokenizer), corpus)
     values = tiny_params(tmp_path, dataset=tiny_config.data.dataset, tokenizer=tiny_config.data.tokenizer,
                          learning_rate=1e-4, weight_decay=0.5, max_steps=16, resume_from_checkpoint="auto")
     again = params.resolve(values)
-    result = train.run(again, device, model.build(again.model, corpus.tokenizer), corpus)
+    result = loop.run(again, device, model.build(again.model, corpus.tokenizer), corpus)
     groups = result.state.optimizer.param_groups
     assert groups[0]["lr"] == pytest.approx(1e-4 * optimization.lr_factor(16, 2, 16), rel=1e-12)
     assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.5, 0.0)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from conftest import tiny_params
 
-from nblib import data, params
+from nblib import data
+from nblib.setup import params
 
 
 def test_prepare_packs_blocks_with_end_of_text_between_articles(tiny_config):
@@ -19,7 +20,7 @@ def test_prepare_packs_blocks_with_end_of_text_between_articles(tiny_config):
 
 def test_second_prepare_reuses_the_cache_without_tokenizing(tiny_config, monkeypatch):
     first = data.prepare(tiny_config)
-    monkeypatch.setattr(data, "build_cache", lambda *a: pytest.fail("tokenized again"))
+    monkeypatch.setattr(data.cache, "build_cache", lambda *a: pytest.fail("tokenized again"))
     second = data.prepare(tiny_config)
     assert second.cache_dir == first.cache_dir
     assert np.array_equal(second.tokens["train"], first.tokens["train"])
@@ -56,7 +57,7 @@ def test_interrupted_cache_build_leaves_no_cache(tiny_config, monkeypatch):
     def broken(cfg, directory):
         (directory / "train.bin").write_bytes(b"partial")
         raise KeyboardInterrupt
-    monkeypatch.setattr(data, "build_cache", broken)
+    monkeypatch.setattr(data.cache, "build_cache", broken)
     with pytest.raises(KeyboardInterrupt):
         data.prepare(tiny_config)
     assert not (tiny_config.output_dir / "data_cache" / data.cache_key(tiny_config)).exists()

@@ -15,7 +15,8 @@ import torch.multiprocessing as mp
 from conftest import needs, tiny_params
 from test_notebook import execute, outputs_text
 
-from nblib import checkpoint, collectives, launch, params
+from nblib.setup import params
+from nblib.training import checkpoint, collectives, launch
 
 pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 
@@ -61,7 +62,7 @@ def _diverging_worker(rank: int, port: int) -> None:
         with torch.no_grad():
             layer.weight.fill_(1.0 + rank * 1e-6)  # rank 1 drifts by a hair
             layer.bias.zero_()
-        from nblib.hardware import Device
+        from nblib.setup.hardware import Device
         collectives.check_in_sync(layer, 7, Device(torch.device("cpu"), "fp32", world_size=2, rank=rank))
     finally:
         dist.destroy_process_group()
@@ -131,7 +132,8 @@ def test_interrupt_stops_every_rank_and_the_run_resumes_under_another_world_size
 
 
 def test_a_failing_worker_raises_its_traceback_in_the_notebooks_process(tiny_config):
-    from nblib import data, hardware, model
+    from nblib import data, model
+    from nblib.setup import hardware
     corpus = data.prepare(tiny_config)
     checkpoint.checkpoint_dir(tiny_config.output_dir).mkdir(parents=True)
     (checkpoint.checkpoint_path(tiny_config.output_dir, 0, 4)).write_bytes(b"")  # resume '' refuses this
@@ -143,14 +145,16 @@ def test_a_failing_worker_raises_its_traceback_in_the_notebooks_process(tiny_con
 @needs("peft")
 def test_lora_fine_tune_in_two_processes(tmp_path, pretrained_dir, wikitext_file):
     """The fine-tune example's shape on GPU T4 x2: DDP over a model whose base weights are frozen."""
-    from nblib import data, hardware, model, train
+    from nblib import data, model
+    from nblib.setup import hardware
+    from nblib.training import loop
     cfg = params.resolve(dict(preset="smoke", output_dir=str(tmp_path / "run"), init_from=str(pretrained_dir),
                               dataset=str(wikitext_file), max_length=32, batch_size=4,
                               gradient_accumulation_steps=1, max_steps=6, eval_steps=3, save_steps=1,
                               lora_r=4, devices=2, precision="fp32"))
     corpus = data.prepare(cfg)
     result = launch.fit(cfg, hardware.detect("fp32", cfg.devices), model.build(cfg.model, corpus.tokenizer), corpus)
-    assert result.stop_reason is train.StopReason.COMPLETED and result.state.step == 6
+    assert result.stop_reason is loop.StopReason.COMPLETED and result.state.step == 6
     saved = final_state(cfg.output_dir)
     assert saved["world_size"] == 2 and any("lora_B" in key for key in saved["model_state_dict"])
 
@@ -171,7 +175,8 @@ def test_the_parents_bar_starts_at_the_resumed_step_with_the_runs_total():
 
 def test_workers_get_the_weights_through_a_file_not_shared_memory(tiny_config, monkeypatch):
     """Tensors in mp.start_processes arguments go through /dev/shm (64 MB in Docker by default)."""
-    from nblib import data, hardware, model
+    from nblib import data, model
+    from nblib.setup import hardware
     corpus = data.prepare(tiny_config)
     seen = {}
 
@@ -192,7 +197,8 @@ def test_after_the_workers_the_notebooks_model_is_on_the_notebooks_device(tiny_c
     workers) and left it there, while `device` said cuda:0: the Evaluate cell failed after a
     night of training. Here the notebook's device is `meta`, not the CPU's, so a model left on
     the CPU shows; the workers compute on the CPU."""
-    from nblib import data, hardware, model
+    from nblib import data, model
+    from nblib.setup import hardware
     corpus = data.prepare(tiny_config)
     net = model.build(tiny_config.model, corpus.tokenizer)
     device = dataclasses.replace(hardware.detect("fp32", devices=2), device=torch.device("meta"))
@@ -203,16 +209,16 @@ def test_after_the_workers_the_notebooks_model_is_on_the_notebooks_device(tiny_c
 
 
 WORKER_STDERR = """import os, warnings
-import nblib.train
+import nblib.training.loop
 
-_run = nblib.train.run
+_run = nblib.training.loop.run
 
 def _run_noisily(*args, **kwargs):
     warnings.warn("a library's warning in a worker")
     os.write(2, b"NCCL WARN a line written by C code\\n")
     return _run(*args, **kwargs)
 
-nblib.train.run = _run_noisily
+nblib.training.loop.run = _run_noisily
 """
 
 
@@ -221,7 +227,8 @@ def test_what_the_workers_write_to_stderr_reaches_the_notebook(tiny_config, tmp_
     last words are relayed by the parent, each marked with its rank."""
     from conftest import sitecustomize
 
-    from nblib import data, hardware, model
+    from nblib import data, model
+    from nblib.setup import hardware
     corpus = data.prepare(tiny_config)
     sitecustomize(tmp_path, monkeypatch, WORKER_STDERR)
     net = model.build(tiny_config.model, corpus.tokenizer)

@@ -10,8 +10,12 @@ import torch
 from conftest import tiny_params
 from transformers import GPT2Config, GPT2LMHeadModel, pipeline
 
-from nblib import data, export, generate, hardware, model, params, plots, state, train
-from nblib.config import SamplingConfig
+from nblib import data, model
+from nblib.export import generate, huggingface
+from nblib.monitoring import plots
+from nblib.setup import hardware, params
+from nblib.setup.config import SamplingConfig
+from nblib.training import loop, state
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,9 +28,9 @@ def trained(tmp_path_factory, wikitext_file, tokenizer_dir) -> SimpleNamespace:
     state.seed_everything(0)
     corpus = data.prepare(cfg)
     net = model.build(cfg.model, corpus.tokenizer)
-    result = train.run(cfg, hardware.detect("fp32"), net, corpus)
-    assert export.load_best_weights(net, cfg.output_dir)
-    final = export.final_model(net, corpus.tokenizer, cfg.output_dir)
+    result = loop.run(cfg, hardware.detect("fp32"), net, corpus)
+    assert huggingface.load_best_weights(net, cfg.output_dir)
+    final = huggingface.final_model(net, corpus.tokenizer, cfg.output_dir)
     return SimpleNamespace(cfg=cfg, out=cfg.output_dir, tokenizer=corpus.tokenizer, net=net, result=result, final=final)
 
 
@@ -58,7 +62,7 @@ def test_generate_samples_from_final_model(trained):
 
 
 def test_a_checkpoint_samples_with_the_runs_tokenizer(trained, capsys):
-    """sample_from and `python -m nblib.generate --tokenizer` take a checkpoint .pt."""
+    """sample_from and `python -m nblib.export.generate --tokenizer` take a checkpoint .pt."""
     from_checkpoint, _ = generate.load(trained.out / "best_model.pt", trained.tokenizer)
     assert torch.equal(from_checkpoint.transformer.h[0].mlp.c_fc.weight, trained.net.transformer.h[0].mlp.c_fc.weight)
     generate.main(["--model", str(trained.out / "best_model.pt"), "--tokenizer", str(trained.final),
@@ -69,13 +73,13 @@ def test_a_checkpoint_samples_with_the_runs_tokenizer(trained, capsys):
 def test_the_curves_and_the_summary_name_what_the_run_left(trained):
     plots.curves(trained.result.history, trained.out)
     assert (trained.out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert "final_model/model.safetensors" in export.summary(trained.out)
+    assert "final_model/model.safetensors" in huggingface.summary(trained.out)
 
 
 def test_generate_command_line(tiny_config, capsys):
     corpus = data.prepare(tiny_config)
     net = model.build(tiny_config.model, corpus.tokenizer)
-    final = export.final_model(net, corpus.tokenizer, tiny_config.output_dir)
+    final = huggingface.final_model(net, corpus.tokenizer, tiny_config.output_dir)
     generate.main(["--model", str(final), "--prompt", "the city", "--max-new-tokens", "4"])
     assert capsys.readouterr().out.startswith("the city")
 
@@ -87,7 +91,7 @@ def test_non_finite_weights_are_never_exported(tiny_config):
     with torch.no_grad():
         net.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="weights are not finite"):
-        export.final_model(net, corpus.tokenizer, tiny_config.output_dir)
+        huggingface.final_model(net, corpus.tokenizer, tiny_config.output_dir)
     assert not (tiny_config.output_dir / "final_model").exists()
 
 
@@ -115,7 +119,7 @@ def test_an_export_loads_under_the_other_major_transformers_and_back(tmp_path, t
     state.seed_everything(0)
     corpus = data.prepare(tiny_config)
     net = model.build(tiny_config.model, corpus.tokenizer)
-    here = export.final_model(net, corpus.tokenizer, tmp_path / "here")
+    here = huggingface.final_model(net, corpus.tokenizer, tmp_path / "here")
     there = tmp_path / "there" / "final_model"
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     run = [OTHER_PYTHON, str(Path(__file__).with_name("portable_export.py"))]
@@ -136,7 +140,7 @@ def test_an_export_loads_under_the_other_major_transformers_and_back(tmp_path, t
 def test_export_dtype_halves_the_weights_and_leaves_the_trained_model_alone(trained, tmp_path, dtype, moves):
     from safetensors import safe_open
 
-    final = export.final_model(trained.net, trained.tokenizer, tmp_path, export_dtype=dtype)
+    final = huggingface.final_model(trained.net, trained.tokenizer, tmp_path, export_dtype=dtype)
     assert not [call for call in moves if call[0] is trained.net]  # a copy is cast, never the notebook's model
     with safe_open(str(final / "model.safetensors"), "pt") as weights:
         assert {weights.get_tensor(k).dtype for k in weights.keys()} == {getattr(torch, dtype)}

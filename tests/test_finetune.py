@@ -8,7 +8,8 @@ from conftest import needs, tiny_params
 from test_notebook import execute, outputs_text
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
-from nblib import checkpoint, params
+from nblib.setup import params
+from nblib.training import checkpoint
 
 
 def test_init_from_takes_the_pretrained_shape_and_tokenizer(tmp_path, pretrained_dir):

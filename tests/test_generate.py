@@ -3,8 +3,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from nblib import generate
-from nblib.config import SamplingConfig
+from nblib.export import generate
+from nblib.setup.config import SamplingConfig
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_a_checkpoint_needs_its_tokenizer(tmp_path):
 def test_a_model_loaded_to_sample_from_goes_to_the_notebooks_device(pretrained_dir):
     """`sample_from` loads on the CPU; the notebook's device here is `meta`, not the CPU's, so a
     model left on the CPU (sampling silently there while a GPU waits) shows."""
-    from nblib import hardware
+    from nblib.setup import hardware
     device = hardware.Device(torch.device("meta"), "fp32")
     loaded, tokenizer = generate.model_to_sample(str(pretrained_dir), None, None, device)
     assert {p.device for p in loaded.parameters()} == {torch.device("meta")} and tokenizer is not None

@@ -11,7 +11,8 @@ from test_finetune import finetune_params
 from test_notebook import execute
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from nblib import gguf_export, params
+from nblib.export import gguf_file
+from nblib.setup import params
 
 PROMPT = "the old king wrote a song of stone and light during the first war"
 # Largest |llama.cpp - transformers| logit, as a share of the largest |logit|. Measured on the
@@ -63,7 +64,7 @@ def test_each_dtype_reads_back_in_llama_cpp(tmp_path, pretrained_dir, dtype):
             weight.add_(torch.randn_like(weight) * 0.05)
         model.save_pretrained(str(tmp_path / "model"))
     AutoTokenizer.from_pretrained(str(pretrained_dir)).save_pretrained(str(tmp_path / "model"))
-    out = gguf_export.write(tmp_path / "model", tmp_path / "model.gguf", dtype)
+    out = gguf_file.write(tmp_path / "model", tmp_path / "model.gguf", dtype)
     assert_llama_cpp_agrees(tmp_path / "model", out, dtype)
 
 

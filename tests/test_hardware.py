@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nblib import hardware, params
+from nblib.setup import hardware, params
 
 
 def test_cpu_auto_uses_bf16_only_with_bf16_instructions():

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from nblib import hardware, hellaswag
+from nblib.evaluation import hellaswag
+from nblib.setup import hardware
 
 CONTEXTS = ["The river city was", "An old king of the north", "In the morning the boats", "The stone bridge"]
 ENDINGS = [["built by the king .", "under the water today .", "a green song of birds .", "sold in the market ."]] * 4

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import tiny_params
 
-from nblib import checkpoint, files
+from nblib import files
+from nblib.training import checkpoint
 
 pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 
@@ -22,15 +23,16 @@ REPO = Path(__file__).resolve().parent.parent
 # often land in the middle of a save.
 DRIVER = """
 import json, sys, time
-from nblib import files, job, train
+from nblib import files, job
+from nblib.training import loop
 
 steps_log = open(sys.argv[2], "a", buffering=1)
-step = train.optimizer_step
+step = loop.optimizer_step
 def logged(state, *a, **k):
     out = step(state, *a, **k)
     steps_log.write(f"{state.step + 1}\\n")
     return out
-train.optimizer_step = logged
+loop.optimizer_step = logged
 fsync = files._fsync
 files._fsync = lambda path: (time.sleep(float(sys.argv[3])), fsync(path))
 job.main([sys.argv[1]])

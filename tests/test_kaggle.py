@@ -7,7 +7,7 @@ import pytest
 from conftest import hide_installed_nblib
 
 from nblib import kaggle
-from nblib.params import resolve
+from nblib.setup.params import resolve
 
 
 def test_the_repository_metadata_passes_the_kaggle_cli_checks():

@@ -11,7 +11,8 @@ import papermill
 import pytest
 from test_notebook import NOTEBOOK, execute
 
-from nblib import checkpoint, lock
+from nblib.setup import lock
+from nblib.training import checkpoint
 
 pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from nblib import hardware, loss
+from nblib.setup import hardware
+from nblib.training import loss
 
 
 def plain_and_chunked(hidden, weight, targets, dtype, monkeypatch):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import tiny_params
 
-from nblib import hardware, mfu, params
+from nblib.monitoring import mfu
+from nblib.setup import hardware, params
 
 
 def gpu(name: str, precision: str = "fp16") -> hardware.Device:

@@ -3,7 +3,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from nblib import model, params
+from nblib import model
+from nblib.setup import params
 
 
 class FakeTokenizer:

@@ -12,7 +12,8 @@ import torch
 from conftest import fake_clock, hide_installed_nblib, wikitext_lines
 from transformers import pipeline
 
-from nblib import checkpoint, params
+from nblib.setup import params
+from nblib.training import checkpoint
 
 pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minutes in all
 

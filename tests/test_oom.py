@@ -7,7 +7,8 @@ from conftest import tiny_params
 from test_train import run_tiny
 from transformers import GPT2Model
 
-from nblib import checkpoint, oom, params, train
+from nblib.setup import params
+from nblib.training import checkpoint, loop, oom
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_old_style_runtime_error_is_recognised_and_others_are_not():
 def test_oom_at_micro_batch_one_saves_an_emergency_checkpoint_and_names_the_fix(tiny_config, oom_above):
     oom_above(0, error=lambda m: RuntimeError("CUDA error: out of memory"))
     result, _ = run_tiny(tiny_config)
-    assert result.stop_reason is train.StopReason.OUT_OF_MEMORY
+    assert result.stop_reason is loop.StopReason.OUT_OF_MEMORY
     assert "reduce max_length, n_embd or n_layer" in result.describe()
     emergency = checkpoint.load(tiny_config.output_dir / checkpoint.EMERGENCY)
     assert emergency["step"] == 0 and emergency["position"] == 0  # the failed step is not lost
@@ -81,6 +82,6 @@ def test_evaluation_oom_uses_a_smaller_eval_batch_not_a_smaller_training_batch(t
 
     monkeypatch.setattr(GPT2Model, "forward", eval_oom)
     result, _ = run_tiny(tiny_config)
-    assert result.stop_reason is train.StopReason.COMPLETED
+    assert result.stop_reason is loop.StopReason.COMPLETED
     assert all(math.isfinite(r["val_loss"]) for r in result.history)
     assert result.state.batch_size == tiny_config.train.batch_size and not result.state.events

@@ -5,7 +5,9 @@ import torch
 from conftest import tiny_params
 from test_train import run_tiny
 
-from nblib import checkpoint, data, hardware, loss, model, optimization, params, train
+from nblib import data, model
+from nblib.setup import hardware, params
+from nblib.training import checkpoint, loop, loss, optimization
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
@@ -56,7 +58,7 @@ def test_a_nan_loss_skips_the_update_and_is_counted(tiny_config, nan_on_steps, p
     nan_on_steps({3, 4}, micro_per_step=cfg.train.gradient_accumulation_steps)
     result, net = run_tiny(cfg)
     s = result.state
-    assert result.stop_reason is train.StopReason.COMPLETED and s.step == 12
+    assert result.stop_reason is loop.StopReason.COMPLETED and s.step == 12
     assert s.skipped_steps == 2 and math.isnan(s.step_losses[2]) and math.isnan(s.step_losses[3])
     assert result.history[0]["skipped_steps"] == 2
     assert model.weights_are_finite(net)
@@ -85,7 +87,7 @@ def test_a_streak_of_bad_losses_stops_with_the_last_good_weights(tmp_path, wikit
                                      max_steps=40, max_bad_steps=5, save_steps=100, eval_steps=2))
     nan_on_steps(set(range(4, 100)), micro_per_step=cfg.train.gradient_accumulation_steps)
     result, net = run_tiny(cfg)
-    assert result.stop_reason is train.StopReason.BAD_LOSS and result.state.step == 3 + 5
+    assert result.stop_reason is loop.StopReason.BAD_LOSS and result.state.step == 3 + 5
     assert "lower learning_rate" in result.describe()
     with pytest.raises(RuntimeError, match="non-finite loss"):
         result.raise_if_failed()
@@ -126,8 +128,8 @@ def test_evaluation_and_sampling_never_enter_the_compiled_training_graphs(tmp_pa
             return value
         return spy
 
-    monkeypatch.setattr(train, "evaluate", counting(train.evaluate))
-    monkeypatch.setattr(train.generate, "samples", counting(train.generate.samples))
+    monkeypatch.setattr(loop, "evaluate", counting(loop.evaluate))
+    monkeypatch.setattr(loop.generate, "samples", counting(loop.generate.samples))
     cfg = params.resolve(tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
                                      max_steps=6, eval_steps=3, torch_compile=True,
                                      prompts=["the river", "a song of"]))
@@ -143,7 +145,7 @@ def one_rank_process_group():
     """This process as a data-parallel worker of a world of one: the workers' code path, in-process."""
     import torch.distributed as dist
 
-    from nblib import launch
+    from nblib.training import launch
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{launch._free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
@@ -168,7 +170,7 @@ def test_host_synchronisations_and_all_reduces_per_optimizer_step(tiny_config, m
     small model (before: one all-reduce per parameter, 12 here)."""
     import torch.distributed as dist
 
-    from nblib import collectives
+    from nblib.training import collectives
     if in_worker:
         request.getfixturevalue("one_rank_process_group")
     syncs = count_calls(monkeypatch, collectives, "to_host")
@@ -181,7 +183,7 @@ def test_host_synchronisations_and_all_reduces_per_optimizer_step(tiny_config, m
 
 
 def test_the_guides_gradients_cross_ranks_in_two_buckets(tokenizer_dir):
-    from nblib import collectives
+    from nblib.training import collectives
     cfg = params.resolve(dict(preset="kaggle-t4", tokenizer=str(tokenizer_dir), vocab_size=50257, dataset="unused"))
     from transformers import AutoTokenizer
     net = model.build(cfg.model, AutoTokenizer.from_pretrained(str(tokenizer_dir)))

@@ -2,7 +2,8 @@
 import dataclasses
 from pathlib import Path
 
-from nblib import config, contract, parameters, params
+from nblib.setup import config, parameters, params
+from nblib.training import contract
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "parameters.md"
 
@@ -29,4 +30,4 @@ def test_the_boundary_and_the_contract_read_the_same_table():
 
 
 def test_docs_parameters_md_is_generated_from_the_table():
-    assert DOCS.read_text() == parameters.markdown(), "run: python -m nblib.parameters > docs/parameters.md"
+    assert DOCS.read_text() == parameters.markdown(), "run: python -m nblib.setup.parameters > docs/parameters.md"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nblib import params
+from nblib.setup import params
 
 PARAMS = Path(__file__).resolve().parent.parent / "notebooks" / "params"
 FILES = sorted(PARAMS.glob("*.yaml"))

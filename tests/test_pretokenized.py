@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from conftest import tiny_params
 
-from nblib import data, params
+from nblib import data
+from nblib.setup import params
 
 
 def write_jsonl(path, records):
@@ -20,7 +21,7 @@ def records(n, key="input_ids", length=30, seed=0):
 @pytest.mark.parametrize("key", ["input_ids", "tokens"])
 def test_token_id_records_are_packed_without_tokenizing(tmp_path, tokenizer_dir, key, monkeypatch):
     source = write_jsonl(tmp_path / "ids.jsonl", records(200, key))
-    monkeypatch.setattr(data, "_tokenize", lambda *a, **k: pytest.fail("tokenized text"))
+    monkeypatch.setattr(data.cache, "_tokenize", lambda *a, **k: pytest.fail("tokenized text"))
     cfg = params.resolve(tiny_params(tmp_path, dataset=str(source), tokenizer=str(tokenizer_dir)))
     corpus = data.prepare(cfg)
     eos = corpus.tokenizer.eos_token_id

@@ -7,7 +7,8 @@ import pytest
 from conftest import needs, tiny_params
 from test_notebook import execute, outputs_text
 
-from nblib import params, publish
+from nblib.export import publish
+from nblib.setup import params
 
 RECORDER = """import json, os, kagglehub
 # The kernel's kagglehub.model_upload records what it would send{failure}.

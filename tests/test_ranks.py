@@ -8,11 +8,13 @@ import pytest
 from conftest import fake_clock, tiny_params
 from faults import faulty
 
-from nblib import checkpoint, data, hardware, launch, model, state, train
-from nblib.params import resolve
+from nblib import data, model
+from nblib.setup import hardware
+from nblib.setup.params import resolve
+from nblib.training import checkpoint, launch, loop, state
 
 
-def fit_two(params: dict, fault: str = "", **overrides) -> train.RunResult:
+def fit_two(params: dict, fault: str = "", **overrides) -> loop.RunResult:
     cfg = dataclasses.replace(resolve({**params, "devices": 2}), **overrides)
     state.seed_everything(cfg.train.seed)
     corpus = data.prepare(cfg)
@@ -33,7 +35,7 @@ def params(tmp_path, wikitext_file, tokenizer_dir) -> dict:
 
 def test_an_oom_on_one_rank_backs_both_off_and_the_run_completes(params):
     result = fit_two(params, fault="oom")  # 4 blocks per rank; rank 1 fits 2
-    assert result.stop_reason is train.StopReason.COMPLETED and result.state.step == 8
+    assert result.stop_reason is loop.StopReason.COMPLETED and result.state.step == 8
     assert [(e["batch_size"], e["gradient_accumulation_steps"]) for e in result.state.events
             if e["event"] == "out of memory"] == [(2, 2)]  # rank 0 backed off with rank 1
     assert (result.state.batch_size, result.state.gradient_accumulation_steps) == (2, 2)
@@ -41,7 +43,7 @@ def test_an_oom_on_one_rank_backs_both_off_and_the_run_completes(params):
 
 def test_a_nan_on_one_rank_stops_both_with_the_last_good_weights(params):
     result = fit_two({**params, "max_bad_steps": 3}, fault="nan")
-    assert result.stop_reason is train.StopReason.BAD_LOSS and result.state.step == 3
+    assert result.stop_reason is loop.StopReason.BAD_LOSS and result.state.step == 3
     emergency = checkpoint.load(result.run_dir / checkpoint.EMERGENCY)
     assert emergency["skipped_steps"] == 3 and emergency["bad_streak"] == 3
 
@@ -52,7 +54,7 @@ def test_the_time_budget_stops_both_ranks_at_the_same_step(params, tmp_path, mon
     fake_clock(tmp_path, monkeypatch)
     result = fit_two({**params, "max_steps": 100_000, "eval_steps": 50, "save_steps": 50,
                       "time_budget_minutes": 1}, started_at=time.time())
-    assert result.stop_reason is train.StopReason.TIME_BUDGET and 0 < result.state.step < 100_000
+    assert result.stop_reason is loop.StopReason.TIME_BUDGET and 0 < result.state.step < 100_000
     assert max(saved_states(result.run_dir)) == result.state.step
     assert result.history[-1]["step"] == result.state.step
 

@@ -7,7 +7,8 @@ import types
 from conftest import needs, tiny_params
 from test_train import run_tiny
 
-from nblib import params, report
+from nblib.monitoring import report
+from nblib.setup import params
 
 
 @needs("tensorboard")

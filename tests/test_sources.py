@@ -4,7 +4,8 @@ import datasets
 import pytest
 from conftest import wikitext_lines
 
-from nblib import config, localfiles, sources
+from nblib.data import localfiles, sources
+from nblib.setup import config
 
 
 def data_config(spec, column="text"):

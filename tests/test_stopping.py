@@ -3,7 +3,8 @@ import time
 
 import pytest
 
-from nblib import params, stopping
+from nblib.setup import params
+from nblib.training import stopping
 
 
 def test_steps_evaluations_and_saves_are_timed_apart():
@@ -49,7 +50,7 @@ def test_a_data_parallel_worker_never_escalates_a_repeated_signal():
 def test_the_session_clock_is_the_containers_on_kaggle_and_this_processs_elsewhere(monkeypatch):
     import os
 
-    from nblib import paths
+    from nblib.setup import paths
     assert paths.session_started_at() == paths.process_started_at(os.getpid()) <= time.time()
     assert params.resolve({"preset": "smoke"}).started_at == paths.session_started_at()  # setup re-run: same clock
     monkeypatch.setattr(paths, "on_kaggle", lambda: True)

@@ -7,32 +7,34 @@ import pytest
 import torch
 from conftest import tiny_params
 
-from nblib import checkpoint, data, hardware, model, params, state, stopping, train
+from nblib import data, model
+from nblib.setup import hardware, params
+from nblib.training import checkpoint, loop, state, stopping
 
 
 def run_tiny(cfg):
     state.seed_everything(cfg.train.seed)
     corpus = data.prepare(cfg)
     net = model.build(cfg.model, corpus.tokenizer)
-    return train.run(cfg, hardware.detect(cfg.train.precision), net, corpus), net
+    return loop.run(cfg, hardware.detect(cfg.train.precision), net, corpus), net
 
 
 def test_epoch_order_is_seeded_and_covers_every_block_once():
-    order = train.epoch_order(100, seed=3, epoch=1)
+    order = loop.epoch_order(100, seed=3, epoch=1)
     assert sorted(order) == list(range(100))
-    assert np.array_equal(order, train.epoch_order(100, seed=3, epoch=1))
-    assert not np.array_equal(order, train.epoch_order(100, seed=3, epoch=2))
+    assert np.array_equal(order, loop.epoch_order(100, seed=3, epoch=1))
+    assert not np.array_equal(order, loop.epoch_order(100, seed=3, epoch=2))
 
 
 def test_too_little_data_for_one_step_is_a_clear_error(tiny_config):
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
-        train.total_steps(tiny_config, n_train_blocks=3, global_batch=tiny_config.train.global_batch)
+        loop.total_steps(tiny_config, n_train_blocks=3, global_batch=tiny_config.train.global_batch)
 
 
 def test_run_trains_evaluates_saves_and_rotates(tiny_config):
     result, _ = run_tiny(tiny_config)
     out = tiny_config.output_dir
-    assert result.stop_reason is train.StopReason.COMPLETED and result.state.step == 12
+    assert result.stop_reason is loop.StopReason.COMPLETED and result.state.step == 12
     history = result.history
     assert [r["step"] for r in history] == [4, 8, 12]
     assert history[-1]["val_loss"] < history[0]["val_loss"]
@@ -55,10 +57,10 @@ def test_throughput_counts_the_training_steps_not_evaluations_or_saves(tiny_conf
     """A clock that moves 1 s per reading in the loop, and 1000 s in each evaluation and save:
     each step is 1 s, so the history's tokens/s is tokens per step, whatever they cost."""
     clock = iter(range(10**6))
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
     for name in ("evaluate", "_save_checkpoint"):
-        slow = getattr(train, name)
-        monkeypatch.setattr(train, name, lambda *a, slow=slow: ([next(clock) for _ in range(1000)], slow(*a))[1])
+        slow = getattr(loop, name)
+        monkeypatch.setattr(loop, name, lambda *a, slow=slow: ([next(clock) for _ in range(1000)], slow(*a))[1])
     result, _ = run_tiny(tiny_config)
     per_step = tiny_config.train.tokens_per_step
     assert [r["tokens_per_second"] for r in result.history] == [per_step] * 3
@@ -130,7 +132,7 @@ def test_time_budget_saves_a_checkpoint_and_stops(tmp_path, wikitext_file, token
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
                        max_steps=100_000, save_steps=10_000, time_budget_minutes=1)
     result, _ = run_tiny(replace(params.resolve(base), started_at=0.0))
-    assert result.stop_reason is train.StopReason.TIME_BUDGET
+    assert result.stop_reason is loop.StopReason.TIME_BUDGET
     assert 0 < result.state.step < 20 and clock.now < 60
     assert "stopped at the time budget at step" in result.describe()
     saved = checkpoint.list_checkpoints(result.run_dir / "checkpoints")
@@ -151,7 +153,7 @@ def test_continuing_across_kaggle_sessions(tmp_path, wikitext_file, tokenizer_di
     starts with an empty /kaggle/working and resume_from_checkpoint='auto'."""
     import shutil
 
-    from nblib import paths
+    from nblib.setup import paths
     base = tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
                        resume_from_checkpoint="auto", max_steps=24, max_checkpoints=2)
     full, _ = run_tiny(params.resolve({**base, "output_dir": str(tmp_path / "uninterrupted")}))
@@ -161,7 +163,7 @@ def test_continuing_across_kaggle_sessions(tmp_path, wikitext_file, tokenizer_di
     with monkeypatch.context() as patch:  # the budget runs out after 13 steps (one check before the first)
         patch.setattr(stopping.TimeBudget, "exhausted", lambda self: next(checks) >= 14)
         stopped, _ = run_tiny(params.resolve({**base, "output_dir": str(session1)}))
-    assert stopped.stop_reason is train.StopReason.TIME_BUDGET and stopped.state.step == 13
+    assert stopped.stop_reason is loop.StopReason.TIME_BUDGET and stopped.state.step == 13
     attached = tmp_path / "input" / "my-notebook-version-1"
     shutil.copytree(session1, attached)
     monkeypatch.setattr(paths, "KAGGLE_INPUT", tmp_path / "input")

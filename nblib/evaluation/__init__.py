@@ -1,0 +1,1 @@
+"""The Evaluate and HellaSwag cells: the loss on held-out blocks, and HellaSwag's accuracy."""
