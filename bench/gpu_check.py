@@ -103,8 +103,8 @@ def number(value: float, digits: int = 4) -> float | None:
 def throughput(result: loop.RunResult) -> dict:
     """Tokens/s of the history's last record, and how many steps they count."""
     records = result.history
-    return dict(tokens_per_second=number(records[-1]["tokens_per_second"], 1),
-                timed_steps=records[-1]["step"] - (records[-2]["step"] if len(records) > 1 else 0))
+    return dict(tokens_per_second=number(records[-1].tokens_per_second, 1),
+                timed_steps=records[-1].step - (records[-2].step if len(records) > 1 else 0))
 
 
 def losses(result: loop.RunResult) -> dict:
@@ -132,10 +132,10 @@ def check_t4_shape(runs: Runs, measured: Callable[[str], float]) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result, cfg, device = runs.run()
-    rate = result.history[-1]["tokens_per_second"]
+    rate = result.history[-1].tokens_per_second
     per_token = mfu.flops_per_token(cfg, result.state.model.config.vocab_size)
     return dict(precision=device.precision, global_batch=result.state.global_batch, **losses(result),
-                **throughput(result), mfu=number(result.history[-1]["mfu"]),
+                **throughput(result), mfu=number(result.history[-1].mfu),
                 mfu_source=mfu.peak_flops(device)[1],
                 mfu_of_measured_peak=number(mfu.utilisation(rate, per_token, measured(device.precision), 1)),
                 **hardware.peak_memory(device))

@@ -83,8 +83,8 @@ def run_nblib(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: in
     net = model.build(cfg.model, corpus.tokenizer)
     result = loop.run(cfg, hardware.detect(cfg.train.precision, 1), net, corpus)
     records = result.history
-    tokens = [(r["step"] - before["step"]) * cfg.train.tokens_per_step for before, r in zip(records, records[1:])]
-    return sum(tokens) / sum(n / r["tokens_per_second"] for n, r in zip(tokens, records[1:]))
+    tokens = [(r.step - before.step) * cfg.train.tokens_per_step for before, r in zip(records, records[1:])]
+    return sum(tokens) / sum(n / r.tokens_per_second for n, r in zip(tokens, records[1:]))
 
 
 def run_minimal(cfg: config.RunConfig, corpus: data.Corpus, warmup: int, steps: int,

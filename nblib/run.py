@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from nblib import console
+from nblib import console, history
 from nblib.data import cache
 from nblib.data.cache import Corpus
 from nblib.evaluation import hellaswag, validation
@@ -168,15 +168,15 @@ class Run:
         """The best weights (lowest validation loss) into `model`, then the test split's loss."""
         huggingface.load_best_weights(model, self.cfg.output_dir)
         loss = validation.evaluate_test(model, corpus, self.device, self.cfg)
-        print(f"test loss {loss:.4f}, perplexity {validation.perplexity(loss):.1f} (the best weights)")
+        print(f"test loss {loss:.4f}, perplexity {history.perplexity(loss):.1f} (the best weights)")
         return loss
 
     @stage("curves")
     def curves(self) -> None:
         """The history's curves, shown and saved as training_curves.png."""
-        history = validation.read_history(self.cfg.output_dir)
-        if history:
-            plots.curves(history, self.cfg.output_dir)
+        records = history.read(self.cfg.output_dir)
+        if records:
+            plots.curves(records, self.cfg.output_dir)
         else:
             print("no evaluation was recorded: nothing to plot")
 

@@ -173,7 +173,7 @@ def test_train_run_twice_in_one_process_applies_the_new_learning_rate_and_weight
     assert groups[0]["lr"] == pytest.approx(1e-4 * optimization.lr_factor(16, 2, 16), rel=1e-12)
     assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.5, 0.0)
     assert result.state.scheduler.base_lrs == [1e-4, 1e-4]
-    events = [e["parameter"] for r in result.history for e in r["events"] if e["event"] == "changed"]
+    events = [e["parameter"] for r in result.history for e in r.events if e["event"] == "changed"]
     assert events == ["learning_rate", "weight_decay", "max_steps"]
 
 

@@ -40,7 +40,7 @@ def test_oom_halves_the_micro_batch_and_keeps_the_blocks_per_step(tmp_path, wiki
     s = recovered.state
     assert (s.batch_size, s.gradient_accumulation_steps) == (4, 4)
     assert [(e["batch_size"], e["gradient_accumulation_steps"]) for e in s.events] == [(8, 2), (4, 4)]
-    assert recovered.history[0]["events"] == s.events and recovered.history[0]["batch_size"] == 4
+    assert recovered.history[0].events == s.events and recovered.history[0].batch_size == 4
     saved = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "recovered" / "checkpoints")[-1][1])
     assert (saved["batch_size"], saved["gradient_accumulation_steps"]) == (4, 4)
 
@@ -83,5 +83,5 @@ def test_evaluation_oom_uses_a_smaller_eval_batch_not_a_smaller_training_batch(t
     monkeypatch.setattr(GPT2Model, "forward", eval_oom)
     result, _ = run_tiny(tiny_config)
     assert result.stop_reason is loop.StopReason.COMPLETED
-    assert all(math.isfinite(r["val_loss"]) for r in result.history)
+    assert all(math.isfinite(r.val_loss) for r in result.history)
     assert result.state.batch_size == tiny_config.train.batch_size and not result.state.events

@@ -60,7 +60,7 @@ def test_a_nan_loss_skips_the_update_and_is_counted(tiny_config, nan_on_steps, p
     s = result.state
     assert result.stop_reason is loop.StopReason.COMPLETED and s.step == 12
     assert s.skipped_steps == 2 and math.isnan(s.step_losses[2]) and math.isnan(s.step_losses[3])
-    assert result.history[0]["skipped_steps"] == 2
+    assert result.history[0].skipped_steps == 2
     assert model.weights_are_finite(net)
 
 

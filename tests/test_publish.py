@@ -7,6 +7,7 @@ import pytest
 from conftest import needs, tiny_params
 from test_notebook import execute, outputs_text
 
+from nblib import history
 from nblib.export import publish
 from nblib.setup import params
 
@@ -82,10 +83,11 @@ def test_the_card_says_what_the_model_is_and_how_to_load_it(tmp_path):
     cfg = params.resolve(tiny_params(tmp_path))
     model_dir = tmp_path / "run" / "final_model"
     model_dir.mkdir(parents=True)
-    (tmp_path / "run" / "training_history.json").write_text(json.dumps([
-        {"step": 4, "tokens_seen": 512, "val_loss": 3.0, "val_perplexity": 20.09},
-        {"step": 8, "tokens_seen": 1024, "val_loss": 2.5, "val_perplexity": 12.18, "test_loss": 2.6,
-         "test_perplexity": 13.46}]))
+    common = dict(epoch=0, train_loss=3.1, learning_rate=1e-3, grad_norm=1.0, tokens_per_second=100.0, mfu=0.1,
+                  elapsed_seconds=1.0, timestamp="2026-11-29T00:00:00+00:00", batch_size=4,
+                  gradient_accumulation_steps=2, skipped_steps=0)
+    history.write(tmp_path / "run", [history.Record(step=4, tokens_seen=512, val_loss=3.0, **common),
+                                     history.Record(step=8, tokens_seen=1024, val_loss=2.5, test_loss=2.6, **common)])
     card = publish.write_card(model_dir, cfg).read_text()
     assert "best validation loss | 2.5000 (perplexity 12.18, step 8)" in card
     assert "test loss | 2.6000 (perplexity 13.46)" in card and "| steps | 8 (1,024 tokens) |" in card

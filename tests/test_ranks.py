@@ -56,7 +56,7 @@ def test_the_time_budget_stops_both_ranks_at_the_same_step(params, tmp_path, mon
                       "time_budget_minutes": 1}, started_at=time.time())
     assert result.stop_reason is loop.StopReason.TIME_BUDGET and 0 < result.state.step < 100_000
     assert max(saved_states(result.run_dir)) == result.state.step
-    assert result.history[-1]["step"] == result.state.step
+    assert result.history[-1].step == result.state.step
 
 
 def test_each_rank_draws_its_own_dropout_and_resumes_its_own_random_stream(params, tmp_path):

@@ -36,21 +36,21 @@ def test_run_trains_evaluates_saves_and_rotates(tiny_config):
     out = tiny_config.output_dir
     assert result.stop_reason is loop.StopReason.COMPLETED and result.state.step == 12
     history = result.history
-    assert [r["step"] for r in history] == [4, 8, 12]
-    assert history[-1]["val_loss"] < history[0]["val_loss"]
-    assert all(math.isfinite(r["train_loss"]) for r in history)
+    assert [r.step for r in history] == [4, 8, 12]
+    assert history[-1].val_loss < history[0].val_loss
+    assert all(math.isfinite(r.train_loss) for r in history)
     keys = {"epoch", "step", "tokens_seen", "train_loss", "val_loss", "val_perplexity",
             "learning_rate", "grad_norm", "tokens_per_second", "elapsed_seconds", "timestamp", "samples"}
-    assert all(keys <= set(r) for r in history)
-    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in history)
-    assert 0.1 < history[0]["peak_rss_gb"] <= history[-1]["peak_rss_gb"] < 24  # GB, this process's
-    assert f"GB resident at step 4, {history[-1]['peak_rss_gb']:.2f} GB at the end" in result.describe()
+    assert all(keys <= set(r.to_dict()) for r in history)
+    assert all(math.isfinite(r.grad_norm) and r.grad_norm > 0 for r in history)
+    assert 0.1 < history[0].peak_rss_gb <= history[-1].peak_rss_gb < 24  # GB, this process's
+    assert f"GB resident at step 4, {history[-1].peak_rss_gb:.2f} GB at the end" in result.describe()
     prompt, = tiny_config.sampling.prompts
-    assert all(len(r["samples"]) == 1 and r["samples"][0].startswith(prompt) for r in history)
+    assert all(len(r.samples) == 1 and r.samples[0].startswith(prompt) for r in history)
     assert [p.name for _, p in checkpoint.list_checkpoints(out / "checkpoints")] == [
         "checkpoint_epoch0_step8.pt", "checkpoint_epoch0_step12.pt"]
     best = torch.load(out / "best_model.pt", weights_only=True)
-    assert best["val_loss"] == min(r["val_loss"] for r in history)
+    assert best["val_loss"] == min(r.val_loss for r in history)
 
 
 def test_throughput_counts_the_training_steps_not_evaluations_or_saves(tiny_config, monkeypatch):
@@ -63,7 +63,7 @@ def test_throughput_counts_the_training_steps_not_evaluations_or_saves(tiny_conf
         monkeypatch.setattr(loop, name, lambda *a, slow=slow: ([next(clock) for _ in range(1000)], slow(*a))[1])
     result, _ = run_tiny(tiny_config)
     per_step = tiny_config.train.tokens_per_step
-    assert [r["tokens_per_second"] for r in result.history] == [per_step] * 3
+    assert [r.tokens_per_second for r in result.history] == [per_step] * 3
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, wikitext_file, tokenizer_dir):
@@ -100,8 +100,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, wikitext_file, tokeniz
         assert saved["_growth_tracker"] == 8 and resumed.state.scaler.state_dict()["_growth_tracker"] == 12
         assert resumed.state.scaler.state_dict() == full.state.scaler.state_dict()
     assert resumed.state.step_losses == full.state.step_losses
-    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
-    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
+    assert [r.train_loss for r in resumed.history] == [r.train_loss for r in full.history]
+    assert [r.val_loss for r in resumed.history] == [r.val_loss for r in full.history]
     for a, b in zip(full_net.state_dict().values(), resumed_net.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -114,7 +114,7 @@ def test_fresh_run_refuses_a_directory_with_checkpoints_and_auto_continues(tiny_
                            "dataset": tiny_config.data.dataset, "tokenizer": tiny_config.data.tokenizer,
                            "resume_from_checkpoint": "auto", "max_steps": 16})
     result, _ = run_tiny(auto)
-    assert [r["step"] for r in result.history] == [4, 8, 12, 16]
+    assert [r.step for r in result.history] == [4, 8, 12, 16]
 
 
 def test_a_run_that_cannot_fit_on_disk_is_refused_at_start(tiny_config, monkeypatch):
@@ -176,5 +176,5 @@ def test_continuing_across_kaggle_sessions(tmp_path, wikitext_file, tokenizer_di
     assert sorted(p.name for p in (attached / "checkpoints").iterdir()) == sorted(
         p.name for p in (session1 / "checkpoints").iterdir())  # the input is left alone
     assert not (working / "data_cache").exists()  # the attached cache was used
-    assert [r["step"] for r in resumed.history] == [4, 8, 12, 13, 16, 20, 24]  # 13: where session 1 stopped
+    assert [r.step for r in resumed.history] == [4, 8, 12, 13, 16, 20, 24]  # 13: where session 1 stopped
     assert resumed.state.step_losses == full.state.step_losses

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from nblib import history
 from nblib.console import DataError
-from nblib.evaluation.validation import add_to_history
 from nblib.setup.config import RunConfig
 from nblib.setup.hardware import Device
 
@@ -76,8 +76,9 @@ def evaluate_run(model: torch.nn.Module, tokenizer, device: Device, cfg: RunConf
     result = score(model, tokenizer, load_items(cfg.eval_hellaswag, cfg.hellaswag_items), device,
                    cfg.eval_hellaswag)
     if device.is_main:
-        add_to_history(cfg.output_dir, hellaswag_accuracy=result.accuracy, hellaswag_sum_accuracy=result.sum_accuracy,
-                       hellaswag_items=result.items, hellaswag_source=result.source)
+        history.add_to_last(cfg.output_dir, hellaswag_accuracy=result.accuracy,
+                            hellaswag_sum_accuracy=result.sum_accuracy, hellaswag_items=result.items,
+                            hellaswag_source=result.source)
     return result
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from nblib import console, files
-from nblib.evaluation.validation import read_history
+from nblib import console, files, history
 from nblib.export import generate, gguf_file, publish
 from nblib.model import gpt2, lora
 from nblib.model.gpt2 import weights_are_finite
@@ -137,8 +136,8 @@ def summary(run_dir: Path) -> str:
             lines.append(f"  {path.relative_to(run_dir)}  {console.size(path.stat().st_size)}")
     if (run_dir / FINAL_MODEL).is_dir():
         lines.append(f'load it: transformers.pipeline("text-generation", model="{run_dir / FINAL_MODEL}")')
-    last = (read_history(run_dir) or [{}])[-1]
-    if "hellaswag_accuracy" in last:
-        lines.append(f"HellaSwag ({last['hellaswag_source']}, {last['hellaswag_items']:,} items): accuracy "
-                     f"{last['hellaswag_accuracy']:.4f} (summed log-likelihood: {last['hellaswag_sum_accuracy']:.4f})")
+    last = (history.read(run_dir) or [None])[-1]
+    if last is not None and last.hellaswag_accuracy is not None:
+        lines.append(f"HellaSwag ({last.hellaswag_source}, {last.hellaswag_items:,} items): accuracy "
+                     f"{last.hellaswag_accuracy:.4f} (summed log-likelihood: {last.hellaswag_sum_accuracy:.4f})")
     return "\n".join(lines)

@@ -7,8 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from nblib import files
-from nblib.evaluation.validation import read_history
+from nblib import files, history
 from nblib.setup.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -42,15 +41,14 @@ def write_card(model_dir: Path, cfg: RunConfig, chat: bool = False) -> Path:
     for name, copy in (("run_config.json", CONFIG_COPY), (CURVES, CURVES)):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, Path(model_dir) / copy)
-    text = _card(cfg, read_history(run_dir), chat, curves=(Path(model_dir) / CURVES).is_file(),
+    text = _card(cfg, history.read(run_dir), chat, curves=(Path(model_dir) / CURVES).is_file(),
                  gguf=cfg.export_gguf)
     return files.atomic_write(Path(model_dir) / CARD, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _card(cfg: RunConfig, history: list[dict], chat: bool, curves: bool, gguf: bool) -> str:
+def _card(cfg: RunConfig, records: list[history.Record], chat: bool, curves: bool, gguf: bool) -> str:
     m, d, t = cfg.model, cfg.data, cfg.train
-    best = min(history, key=lambda r: r["val_loss"]) if history else {}
-    last = history[-1] if history else {}
+    best, last = history.best(records), (records[-1] if records else None)
     start = f"`{m.init_from}`" if m.init_from != "scratch" else "random weights"
     source = f"`{d.dataset}`" + (f" ({d.dataset_config})" if d.dataset_config else "")
     kind = ("conversations, with the loss on the assistant's answers" if chat and d.train_on == "responses"
@@ -60,17 +58,17 @@ def _card(cfg: RunConfig, history: list[dict], chat: bool, curves: bool, gguf: b
         f"# GPT-2 ({m.n_layer} layers, n_embd {m.n_embd}, context {m.n_positions})", "",
         f"Trained with nblib from {start} on {source} ({kind}), with the tokenizer `{d.tokenizer}`.", "",
         "| | |", "|---|---|",
-        f"| steps | {last.get('step', 0):,} ({last.get('tokens_seen', 0):,} tokens) |",
+        f"| steps | {last.step if last else 0:,} ({last.tokens_seen if last else 0:,} tokens) |",
         f"| global batch | {t.global_batch} blocks of {t.max_length} tokens |",
         f"| peak learning rate | {t.learning_rate} |",
     ]
     if best:
-        lines.append(f"| best validation loss | {best['val_loss']:.4f} (perplexity {best['val_perplexity']:.2f}, "
-                     f"step {best['step']:,}) |")
-    if "test_loss" in last:
-        lines.append(f"| test loss | {last['test_loss']:.4f} (perplexity {last['test_perplexity']:.2f}) |")
-    if "hellaswag_accuracy" in last:
-        lines.append(f"| HellaSwag ({last['hellaswag_items']:,} items) | {last['hellaswag_accuracy']:.4f} |")
+        lines.append(f"| best validation loss | {best.val_loss:.4f} (perplexity {best.val_perplexity:.2f}, "
+                     f"step {best.step:,}) |")
+    if last and last.test_loss is not None:
+        lines.append(f"| test loss | {last.test_loss:.4f} (perplexity {last.test_perplexity:.2f}) |")
+    if last and last.hellaswag_accuracy is not None:
+        lines.append(f"| HellaSwag ({last.hellaswag_items:,} items) | {last.hellaswag_accuracy:.4f} |")
     lines += ["", "## Use it", "", "```python", "from transformers import pipeline", "",
               'generate = pipeline("text-generation", model="path/to/this/folder")']
     lines += (['messages = [{"role": "user", "content": "Your question"}]',

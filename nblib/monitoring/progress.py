@@ -6,10 +6,12 @@ sends its log records there; the loop just asks for a `bar`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tqdm.auto import tqdm
 
+from nblib.history import Record
 from nblib.monitoring.plots import LiveCurves
 
 _parent = None  # the launcher's queue, in a worker whose bar the parent draws
@@ -37,9 +39,9 @@ class Curves:
     def __init__(self):
         self._live = LiveCurves() if _parent is None else None
 
-    def update(self, history: list[dict]) -> None:
+    def update(self, history: list[Record]) -> None:
         if _parent is not None:
-            _parent.put(("curves", [{k: v for k, v in r.items() if k != "samples"} for r in history]))
+            _parent.put(("curves", [dataclasses.replace(r, samples=[]) for r in history]))
         else:
             self._live.update(history)
 

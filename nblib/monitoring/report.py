@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from nblib import history
+
 log = logging.getLogger(__name__)
 
 
@@ -71,9 +73,10 @@ def open_reporter(report_to: str, run_dir: Path, config: dict) -> Reporter:
     return Reporter()
 
 
-def evaluation_scalars(record: dict) -> dict[str, float]:
+def evaluation_scalars(record: history.Record) -> dict[str, float]:
     """What an evaluation's history record gives the reporters."""
-    scalars = {"eval/loss": record["val_loss"], "eval/perplexity": record["val_perplexity"],
-               "train/tokens_per_second": record["tokens_per_second"]}
-    scalars.update({f"memory/{key}": record[key] for key in ("peak_rss_gb", "peak_gpu_memory_gb") if key in record})
+    scalars = {"eval/loss": record.val_loss, "eval/perplexity": record.val_perplexity,
+               "train/tokens_per_second": record.tokens_per_second}
+    scalars.update({f"memory/{key}": getattr(record, key) for key in ("peak_rss_gb", "peak_gpu_memory_gb")
+                    if getattr(record, key) is not None})
     return scalars

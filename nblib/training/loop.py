@@ -11,10 +11,10 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from nblib import files
+from nblib import files, history
 from nblib.console import ConfigError
 from nblib.data.cache import Corpus
-from nblib.evaluation.validation import HISTORY, evaluate, perplexity
+from nblib.evaluation.validation import evaluate
 from nblib.export import generate
 from nblib.model.gpt2 import weights_are_finite
 from nblib.monitoring import mfu, progress, report
@@ -135,7 +135,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
             if state.bad_streak >= t.max_bad_steps:
                 reason = StopReason.BAD_LOSS
                 break
-    last_recorded = state.history[-1]["step"] if state.history else None
+    last_recorded = state.history[-1].step if state.history else None
     if reason is StopReason.TIME_BUDGET and last_recorded != state.step:  # the history ends where training did
         _evaluate_and_record(state, ctx, window)
     _save_on_stop(reason, state, ctx)
@@ -198,35 +198,30 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: progress.Window) 
     cfg = ctx.cfg
     state.val_loss = evaluate(state.model, ctx.val_blocks, ctx.device, cfg.train.batch_size)
     state.train_loss = float(np.mean(window.losses)) if window.losses else math.nan
-    recorded = sum(len(r.get("events", [])) for r in state.history)
-    state.history.append({
-        "epoch": state.epoch, "step": state.step, "tokens_seen": state.tokens_seen,
-        "train_loss": state.train_loss, "val_loss": state.val_loss,
-        "val_perplexity": perplexity(state.val_loss),
-        "learning_rate": state.scheduler.get_last_lr()[0],
-        "grad_norm": float(np.mean(window.grad_norms)) if window.grad_norms else math.nan,
-        "tokens_per_second": window.tokens_per_second(),
-        "mfu": mfu.utilisation(window.tokens_per_second(), ctx.flops_per_token, ctx.peak_flops,
-                               ctx.device.world_size),
-        "elapsed_seconds": time.perf_counter() - ctx.started,
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "batch_size": state.batch_size,
-        "gradient_accumulation_steps": state.gradient_accumulation_steps,
-        "skipped_steps": state.skipped_steps,
-        **peak_memory(ctx.device),
-        "events": state.events[recorded:],  # OOM back-offs since the previous record
-        "samples": generate.samples(state.model, ctx.tokenizer, cfg.sampling, ctx.chat_format)
-        if ctx.device.is_main else [],
-    })
-    record = state.history[-1]
+    recorded = sum(len(r.events) for r in state.history)
+    tokens_per_second = window.tokens_per_second()
+    record = history.Record(
+        epoch=state.epoch, step=state.step, tokens_seen=state.tokens_seen, train_loss=state.train_loss,
+        val_loss=state.val_loss, learning_rate=state.scheduler.get_last_lr()[0],
+        grad_norm=float(np.mean(window.grad_norms)) if window.grad_norms else math.nan,
+        tokens_per_second=tokens_per_second,
+        mfu=mfu.utilisation(tokens_per_second, ctx.flops_per_token, ctx.peak_flops, ctx.device.world_size),
+        elapsed_seconds=time.perf_counter() - ctx.started,
+        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        batch_size=state.batch_size, gradient_accumulation_steps=state.gradient_accumulation_steps,
+        skipped_steps=state.skipped_steps, **peak_memory(ctx.device),
+        events=state.events[recorded:],  # OOM back-offs and applied changes since the previous record
+        samples=(generate.samples(state.model, ctx.tokenizer, cfg.sampling, ctx.chat_format)
+                 if ctx.device.is_main else []))
+    state.history.append(record)
     forecast = ctx.budget.forecast(state.step, ctx.total_steps, cfg.train.eval_steps, cfg.train.save_steps)
     log.info("step %d/%d: train loss %.4f, val loss %.4f (perplexity %.1f), lr %.2e, grad norm %.2f, "
              "%.0f tokens/s, MFU %s, %.0f s; %s", state.step, ctx.total_steps, state.train_loss,
-             state.val_loss, record["val_perplexity"], record["learning_rate"], record["grad_norm"],
-             record["tokens_per_second"], mfu.shown(record["mfu"]), record["elapsed_seconds"], forecast.describe())
+             state.val_loss, record.val_perplexity, record.learning_rate, record.grad_norm,
+             record.tokens_per_second, mfu.shown(record.mfu), record.elapsed_seconds, forecast.describe())
     ctx.reporter.scalars(report.evaluation_scalars(record), state.step)
     if ctx.device.is_main:  # every rank holds the same history and weights; one writes them
-        files.write_json(cfg.output_dir / HISTORY, state.history)
+        history.write(cfg.output_dir, state.history)
     if state.val_loss < state.best_val_loss and weights_are_finite(state.model):
         state.best_val_loss = state.val_loss
         if ctx.device.is_main:

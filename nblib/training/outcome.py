@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from nblib import history
 from nblib.console import TrainingFailed
-from nblib.evaluation.validation import perplexity
+from nblib.history import perplexity
 from nblib.training import checkpoint
 from nblib.training.state import TrainState
 from nblib.training.stopping import duration
@@ -40,7 +41,7 @@ class RunResult:
         return self.run_dir / checkpoint.EMERGENCY
 
     @property
-    def history(self) -> list[dict]:
+    def history(self) -> list[history.Record]:
         return self.state.history
 
     def headline(self) -> str:
@@ -83,14 +84,14 @@ class RunResult:
 
     def _memory(self) -> str:
         """The peak memory of the first and the last evaluation (this process's, rank 0's)."""
-        records = [r for r in self.history if "peak_rss_gb" in r]
+        records = [r for r in self.history if r.peak_rss_gb is not None]
         if not records:
             return ""
         first, last = records[0], records[-1]
-        shown = (f"; peak memory {first['peak_rss_gb']:.2f} GB resident at step {first['step']}, "
-                 f"{last['peak_rss_gb']:.2f} GB at the end")
-        if "peak_gpu_memory_gb" in last:
-            shown += f" (GPU: {first['peak_gpu_memory_gb']:.2f} GB, then {last['peak_gpu_memory_gb']:.2f} GB)"
+        shown = (f"; peak memory {first.peak_rss_gb:.2f} GB resident at step {first.step}, "
+                 f"{last.peak_rss_gb:.2f} GB at the end")
+        if last.peak_gpu_memory_gb is not None:
+            shown += f" (GPU: {first.peak_gpu_memory_gb:.2f} GB, then {last.peak_gpu_memory_gb:.2f} GB)"
         return shown
 
     def raise_if_failed(self) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nblib import history
 from nblib.model import gpt2
 
 
@@ -30,7 +31,7 @@ class TrainState:
     best_val_loss: float = math.inf
     train_loss: float = math.nan  # mean training loss since the last evaluation
     val_loss: float = math.nan  # latest validation loss
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[history.Record] = field(default_factory=list)
     step_losses: list[float] = field(default_factory=list)  # one per optimizer step, NaN if skipped
     skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradients)
     bad_streak: int = 0  # consecutive steps with a non-finite loss
@@ -59,7 +60,7 @@ class TrainState:
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
             "global_batch": self.global_batch, "world_size": self.world_size,
             "rng_state": rank_rng_states[0], "rank_rng_states": rank_rng_states,
-            "history": list(self.history),
+            "history": [record.to_dict() for record in self.history],
             "step_losses": list(self.step_losses), "skipped_steps": self.skipped_steps,
             "bad_streak": self.bad_streak, "events": list(self.events), "config": config,
         }
@@ -89,7 +90,7 @@ class TrainState:
             setattr(self, name, checkpoint[name])
         self.world_size = checkpoint.get("world_size", 1)
         self.global_batch = global_batch_of(checkpoint)
-        self.history = list(checkpoint["history"])
+        self.history = [history.Record.from_dict(record) for record in checkpoint["history"]]
         self.step_losses = list(checkpoint.get("step_losses", []))
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self.bad_streak = checkpoint.get("bad_streak", 0)
