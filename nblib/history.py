@@ -1,6 +1,6 @@
 """The run's history, `training_history.json`: one typed record per evaluation, and what is measured
 after training (the test loss, HellaSwag) on the last. One writer and one reader: every module
-that shows the history (the summary, the model card, the outcome, the curves, the reporters)
+that shows the history (the summary, the model card, the run's result, the curves, the reporters)
 reads `Record`s through `read`, and the loop and the evaluations write through `write` and
 `add_to_last`. Checkpoints hold the same records as plain dicts (`Record.to_dict`).
 """

@@ -1,6 +1,6 @@
 """The notebook's path in one call, for scripts and worker processes:
 
-    python -m nblib.job [params.yaml] [--set name=value ...] [--show-config]
+    python -m nblib.job [params.yaml] [-p name value ...] [--set name=value ...] [--show-config]
     torchrun --nproc_per_node=N [--nnodes=M --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT] -m nblib.job params.yaml
 
 The file is what papermill's `-f` takes (YAML; JSON is YAML too); each `--set` overrides one
@@ -23,7 +23,7 @@ from nblib import console
 from nblib.run import start
 from nblib.setup import params
 from nblib.training import launch
-from nblib.training.outcome import RunResult
+from nblib.training.result import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,33 @@ def run(values: Mapping[str, Any]) -> RunResult | None:
     return result
 
 
+def add_parameter_options(parser: argparse.ArgumentParser) -> None:
+    """The notebook parameters on a command line, as papermill takes them: `-f FILE` (YAML or
+    JSON), `-p NAME VALUE` (repeatable), and `--set NAME=VALUE` (repeatable); values read as YAML."""
+    parser.add_argument("-f", "--parameters", type=Path, dest="parameters_file", metavar="FILE",
+                        help="a YAML (or JSON) file of notebook parameters, as papermill's -f takes")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        dest="pairs", help="one notebook parameter (repeatable), as papermill's -p")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                        help="one notebook parameter as name=value (repeatable)")
+
+
+def parameter_values(args: argparse.Namespace, path: Path | None = None) -> dict[str, Any]:
+    """The parameters `add_parameter_options` read (`path`: a file given otherwise, read first).
+
+    Raises:
+        ValueError: a file that is not a mapping of names, or a setting without `=`.
+        yaml.YAMLError: a file that is not YAML, naming the file and the line.
+    """
+    files = [f for f in (path, args.parameters_file) if f is not None]
+    settings = [*args.settings, *(f"{name}={value}" for name, value in args.pairs)]
+    values: dict[str, Any] = {}
+    for file in files:
+        values.update(load_values(file, []))
+    values.update(load_values(None, settings))
+    return values
+
+
 def load_values(path: Path | None, settings: list[str]) -> dict[str, Any]:
     """Notebook parameters from a YAML file and `name=value` overrides.
 
@@ -95,14 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train as the notebook does, without Jupyter")
     parser.add_argument("params", type=Path, nargs="?",
                         help="a YAML (or JSON) file of notebook parameters, as papermill's -f takes")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
-                        help="override one parameter (repeatable); the value is read as YAML")
+    add_parameter_options(parser)
     parser.add_argument("--show-config", action="store_true",
                         help="print the resolved configuration and exit without training")
     args = parser.parse_args(argv)
     console.show_logs()
     try:
-        values = load_values(args.params, args.settings)
+        values = parameter_values(args, args.params)
     except (OSError, ValueError, yaml.YAMLError) as error:
         parser.exit(2, f"error: {error}\n")
     try:

@@ -17,6 +17,8 @@ from typing import Any
 
 import nbformat
 
+from nblib import console, job
+
 REPO = Path(__file__).resolve().parent.parent
 METADATA = REPO / "kaggle-metadata.json"
 NOTEBOOK = REPO / "notebooks" / "text_generation_kaggle_production.ipynb"
@@ -143,19 +145,26 @@ def _version() -> str:
 
 
 def make_bundle(out: Path, values: dict[str, Any], dataset_id: str) -> Path:
-    """Resolve the parameters `values` as the notebook would, tokenize once, and write the
-    bundle to `out`."""
-    from nblib.data import bundle, cache
-    from nblib.setup import lock, params
+    """Tokenize once, as the notebook's Setup and Data cells do (the same `nblib.run` stages),
+    and write the bundle to `out`.
 
-    cfg = params.resolve(values)
-    taken = lock.hold(cfg.output_dir)  # its data cache is built there: not beside a run in progress
+    Raises:
+        console.Refusal: a bad parameter or data file, as the notebook would show it.
+    """
+    from nblib import run as notebook
+    from nblib.data import bundle
+    from nblib.setup import lock
+
+    session = notebook.start(values)
     try:
-        corpus = cache.prepare(cfg)
-        return bundle.write(corpus.cache_dir, cfg, out, dataset_id)
+        corpus = session.data()
+        if session.stopped is not None:
+            session.summary()  # raises a refusal; a dry run has nothing to bundle
+            raise console.ConfigError("dry_run=True: nothing is tokenized in a dry run, so there is no bundle to write")
+        return bundle.write(corpus.cache_dir, session.cfg, out, dataset_id)
     finally:
-        if taken:
-            lock.release(cfg.output_dir)
+        if session.cfg is not None:
+            lock.release(session.cfg.output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,20 +174,17 @@ def main(argv: list[str] | None = None) -> None:
     staging.add_argument("out", type=Path)
     bundling = commands.add_parser("bundle", help="prepare the tokens once, as a Kaggle dataset folder")
     bundling.add_argument("out", type=Path)
-    bundling.add_argument("-f", "--parameters", type=Path, help="a YAML or JSON file of notebook parameters")
-    bundling.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                          help="one notebook parameter (values are read as YAML: 512, true, gpt2)")
+    job.add_parameter_options(bundling)  # -f FILE, -p NAME VALUE, --set NAME=VALUE, as nblib.job takes them
     bundling.add_argument("--id", default="YOUR-KAGGLE-USERNAME/gpt2-training-tokens",
                           help="the Kaggle dataset id to write into dataset-metadata.json")
     args = parser.parse_args(argv)
     if args.command == "stage":
         print(f"staged {stage(args.out)}: run `kaggle kernels push -p {args.out}`")
         return
-    import yaml
-
-    params = yaml.safe_load(args.parameters.read_text()) if args.parameters else {}
-    params.update({name: yaml.safe_load(value) for name, value in args.parameter})
-    out = make_bundle(args.out, params, args.id)
+    try:
+        out = make_bundle(args.out, job.parameter_values(args), args.id)
+    except console.Refusal as refusal:  # its message, not a traceback
+        parser.exit(2, f"error: {refusal}\n")
     print(f"bundle written to {out}: upload it with `kaggle datasets create -p {out}`, then pass "
           f"dataset='/kaggle/input/<its slug>' to the notebook")
 

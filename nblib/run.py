@@ -46,7 +46,7 @@ from nblib.setup import hardware, lock, params
 from nblib.setup.config import RunConfig
 from nblib.setup.hardware import Device
 from nblib.training import collectives, contract, launch, state
-from nblib.training.outcome import RunResult, StopReason
+from nblib.training.result import RunResult, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class Run:
 
     @stage("train")
     def train(self, model: torch.nn.Module, corpus: Corpus) -> RunResult:
-        """Train (resuming where the run's checkpoints say); print the outcome line. An interrupt
+        """Train (resuming where the run's checkpoints say); print how it ended. An interrupt
         stops the run here; a NaN streak or an OOM at micro-batch 1 is an error, its emergency
         checkpoint saved."""
         self._check_corpus(corpus, "Train")

@@ -162,9 +162,9 @@ def test_ranks_weigh_answers_by_the_whole_steps_count(tmp_path, tokenizer_dir):
     state = optimization.new_state(cfg, device, model.build(cfg.model, corpus.tokenizer), steps=4)
     blocks = corpus.blocks("train")[np.arange(8)]
 
-    def gradients(part, per_rank_targets=None):
+    def gradients(part, targets_per_rank=None):
         state.model.zero_grad(set_to_none=True)
-        optimization.accumulate_gradients(state, part, device, per_rank_targets)
+        optimization.accumulate_gradients(state, part, device, targets_per_rank)
         return [p.grad.clone() for p in state.model.parameters()]
 
     whole = gradients(blocks)

@@ -17,7 +17,7 @@ from nblib import data, model
 from nblib.data import tokenizer
 from nblib.evaluation import validation
 from nblib.setup import hardware, params
-from nblib.training import checkpoint, contract, loop, optimization, state
+from nblib.training import checkpoint, contract, loop, schedule, state
 
 README = Path(__file__).resolve().parent.parent / "docs" / "resume-contract.md"
 
@@ -54,7 +54,7 @@ def test_a_lowered_learning_rate_a_longer_run_and_a_new_split_are_applied_on_res
         assert text.count(line) == 1, line
 
     history = json.loads((run / "training_history.json").read_text())
-    expected = {r["step"]: 1e-4 * optimization.lr_factor(r["step"], 5, 30) for r in history if r["step"] > 20}
+    expected = {r["step"]: 1e-4 * schedule.lr_factor(r["step"], 5, 30) for r in history if r["step"] > 20}
     assert {r["step"]: r["learning_rate"] for r in history if r["step"] > 20} == pytest.approx(expected, rel=1e-12)
     assert all(r["batch_size"] == 4 and r["gradient_accumulation_steps"] == 4 for r in history if r["step"] > 20)
     changed = {e["parameter"]: e for r in history for e in r["events"] if e["event"] == "changed"}
@@ -63,7 +63,7 @@ def test_a_lowered_learning_rate_a_longer_run_and_a_new_split_are_applied_on_res
 
     # What the optimizer applied: its learning rate, and the size of the updates it made.
     before, after = (checkpoint.load(checkpoint.checkpoint_path(run, 0, s)) for s in (21, 22))
-    lr_of_step_22 = 1e-4 * optimization.lr_factor(21, 5, 30)
+    lr_of_step_22 = 1e-4 * schedule.lr_factor(21, 5, 30)
     assert before["optimizer_state_dict"]["param_groups"][0]["lr"] == pytest.approx(lr_of_step_22, rel=1e-12)
     update = torch.cat([(after["model_state_dict"][k] - w).abs().flatten()
                         for k, w in before["model_state_dict"].items()]).mean().item()
@@ -170,9 +170,9 @@ def test_train_run_twice_in_one_process_applies_the_new_learning_rate_and_weight
     again = params.resolve(values)
     result = loop.run(again, device, model.build(again.model, corpus.tokenizer), corpus)
     groups = result.state.optimizer.param_groups
-    assert groups[0]["lr"] == pytest.approx(1e-4 * optimization.lr_factor(16, 2, 16), rel=1e-12)
+    assert groups[0]["lr"] == pytest.approx(1e-4 * schedule.lr_factor(16, 2, 16), rel=1e-12)
     assert (groups[0]["weight_decay"], groups[1]["weight_decay"]) == (0.5, 0.0)
-    assert result.state.scheduler.base_lrs == [1e-4, 1e-4]
+    assert result.state.schedule.peak == 1e-4
     events = [e["parameter"] for r in result.history for e in r.events if e["event"] == "changed"]
     assert events == ["learning_rate", "weight_decay", "max_steps"]
 

@@ -75,3 +75,15 @@ def test_the_job_refuses_bad_input_with_a_message_not_a_traceback(tmp_path, argv
     argv = [a.format(missing=tmp_path / "missing.yaml", list=tmp_path / "list.yaml") for a in argv]
     refused = run_job(*argv, "--show-config")
     assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_both_command_lines_take_parameters_as_papermill_does(tmp_path):
+    """nblib.job and nblib.kaggle bundle share -f FILE, -p NAME VALUE and --set NAME=VALUE."""
+    import argparse
+
+    from nblib import job
+    (tmp_path / "p.yaml").write_text("preset: smoke\nlearning_rate: 3e-4\n")
+    parser = argparse.ArgumentParser()
+    job.add_parameter_options(parser)
+    args = parser.parse_args(["-f", str(tmp_path / "p.yaml"), "-p", "max_steps", "7", "--set", "seed=3"])
+    assert job.parameter_values(args) == {"preset": "smoke", "learning_rate": 3e-4, "max_steps": 7, "seed": 3}

@@ -76,12 +76,12 @@ class Window:
         self.grad_norms: list[float] = []
         self.tokens, self.seconds = 0, 0.0
 
-    def count(self, outcome, tokens: int, seconds: float) -> None:
+    def count(self, stats, tokens: int, seconds: float) -> None:
         """One optimizer step: its tokens and seconds, and (when it was applied) its loss and norm."""
         self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
-        if outcome.applied:
-            self.losses.append(outcome.loss)
-            self.grad_norms.append(outcome.grad_norm)
+        if stats.applied:
+            self.losses.append(stats.loss)
+            self.grad_norms.append(stats.grad_norm)
 
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else math.nan

@@ -27,6 +27,7 @@ GPT2_VOCAB_SIZE = 50257
 GPT2_TOKENIZER = "openai-community/gpt2"  # the Hub's canonical id; "gpt2" is its legacy alias
 GPT2_TOKENIZERS = (GPT2_TOKENIZER, "gpt2")
 BPE_SPEC = re.compile(r"^bpe:(\d+)$")  # a byte-level BPE trained on the training split
+GPU_PRESETS = {"kaggle-t4": 120_000_000}  # presets meant for a GPU: their dataset's training tokens an epoch
 
 # What a resumed run does when a parameter changes (the resume contract, docs/resume-contract.md).
 IDENTITY = "identity"  # in the fingerprint: a resume must match it

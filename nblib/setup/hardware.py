@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 
 from nblib.console import ConfigError, Unsupported
-from nblib.setup.config import RunConfig
+from nblib.setup.config import GPU_PRESETS, RunConfig
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CPU_TOKENS_PER_SECOND = 600  # the guide's model, fp32, B=8, T=512, on a 2-core development machine
-WIKITEXT103_TRAIN_TOKENS = 120_000_000  # about, with the GPT-2 tokenizer
 
 
 @dataclass(frozen=True)
@@ -128,19 +127,20 @@ def check_kernels(name: str, capability: tuple[int, int], arch_list: list[str]) 
 
 
 def cpu_check(cfg: RunConfig, device: Device) -> str:
-    """The GPU preset on a CPU: refused for its whole run (Import Notebook without an accelerator
-    lands there), a warning with a time estimate when `max_steps` asks for a bounded run; "" for
-    anything else.
+    """A GPU preset (config.GPU_PRESETS) on a CPU: refused for its whole run (Import Notebook
+    without an accelerator lands there), a warning with a time estimate when `max_steps` asks for
+    a bounded run; "" for anything else.
 
     Raises:
-        ValueError: preset 'kaggle-t4' on a CPU with max_steps=0 (its full epochs).
+        ConfigError: a GPU preset on a CPU with max_steps=0 (its full epochs).
     """
-    if device.is_cuda or cfg.preset != "kaggle-t4":
+    epoch_tokens = GPU_PRESETS.get(cfg.preset)
+    if device.is_cuda or epoch_tokens is None:
         return ""
     t = cfg.train
-    tokens = t.max_steps * t.tokens_per_step or t.epochs * WIKITEXT103_TRAIN_TOKENS
+    tokens = t.max_steps * t.tokens_per_step or t.epochs * epoch_tokens
     hours = tokens / CPU_TOKENS_PER_SECOND / 3600
-    estimate = (f"preset 'kaggle-t4' is meant for a GPU, and this machine has none. At about "
+    estimate = (f"preset {cfg.preset!r} is meant for a GPU, and this machine has none. At about "
                 f"{CPU_TOKENS_PER_SECOND} tokens/s (measured on a 2-core CPU) its {tokens / 1e6:,.0f}M "
                 f"training tokens would take about {hours:,.0f} hours.")
     if not t.max_steps and not cfg.dry_run:

@@ -157,12 +157,8 @@ def resume(state: TrainState, path: Path, saved: dict, changes: list[Change], cf
     state.load_state_dict(saved)
     _split_global_batch(state, cfg, world_size,
                         new_split=any(c.name in ("batch_size", "gradient_accumulation_steps") for c in changes))
-    scheduler, groups = state.scheduler, state.optimizer.param_groups
-    groups[0]["weight_decay"] = cfg.train.weight_decay  # group 0: the matrices; biases and norms stay at 0
-    scheduler.base_lrs = [cfg.train.learning_rate] * len(groups)
-    for group, factor in zip(groups, scheduler.lr_lambdas):
-        group["initial_lr"] = cfg.train.learning_rate
-        group["lr"] = cfg.train.learning_rate * factor(scheduler.last_epoch)  # LambdaLR's own formula
+    state.optimizer.param_groups[0]["weight_decay"] = cfg.train.weight_decay  # the matrices; the rest stay at 0
+    state.schedule.apply(state.optimizer, state.step)  # this run's peak and length, from the resumed step
     log.info("resumed from %s at step %d (epoch %d, block %d of its order)",
              path, state.step, state.epoch, state.position)
     for change in changes:

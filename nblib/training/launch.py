@@ -38,7 +38,7 @@ from nblib.training import checkpoint, collectives, contract, loop, state, stopp
 
 def fit(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) -> loop.RunResult:
     """Train `model` as `cfg` says: in this process, or in `device.world_size` data-parallel
-    workers (each runs `train.run`); returns the outcome either way.
+    workers (each runs `loop.run`); returns how the run ended either way.
 
     Raises:
         lock.RunDirectoryBusy: another process is running in `output_dir`.
@@ -59,30 +59,30 @@ def spawn(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus
     with tempfile.TemporaryDirectory(prefix="nblib-workers-") as scratch:
         weights = Path(scratch) / "model.pt"
         torch.save(model, weights)  # a copy wherever the model is; the workers load it on the CPU
-        outcome, signal_name = _supervise(cfg, device, weights, corpus.cache_dir, Path(scratch))
-    final = state.TrainState.outcome(model, checkpoint.load(outcome["saved"]))
+        rank0, signal_name = _supervise(cfg, device, weights, corpus.cache_dir, Path(scratch))
+    final = state.TrainState.of_checkpoint(model, checkpoint.load(rank0["saved"]))
     model.to(device.device)  # where the notebook's next cells expect it
-    return loop.RunResult(final, loop.StopReason(outcome["stop_reason"]), cfg.output_dir,
-                           outcome["elapsed_seconds"], signal_name or outcome["signal_name"],
-                           outcome["total_steps"], outcome["first_step"], outcome["first_tokens"])
+    return loop.RunResult(final, loop.StopReason(rank0["stop_reason"]), cfg.output_dir,
+                          rank0["elapsed_seconds"], signal_name or rank0["signal_name"],
+                          rank0["total_steps"], rank0["first_step"], rank0["first_tokens"])
 
 
 def _supervise(cfg, device: Device, weights: Path, cache_dir: Path, scratch: Path) -> tuple[dict, str | None]:
     """Start the workers, relay rank 0's progress and logs and every worker's stderr, forward an
-    interrupt; returns rank 0's outcome and the signal that interrupted this process, if any."""
+    interrupt; returns rank 0's result (a dict) and the signal that interrupted this process, if any."""
     messages = mp.get_context("spawn").SimpleQueue()
     stderr = StderrRelay([scratch / f"rank{rank}.stderr" for rank in range(device.world_size)])
     context = mp.start_processes(
         _worker, args=(device.world_size, _free_port(), cfg, device, weights, cache_dir, messages, stderr.paths),
         nprocs=device.world_size, join=False, start_method="spawn")
-    interrupt, forwarded, outcome, live = stopping.InterruptFlag(), False, None, plots.LiveCurves()
+    interrupt, forwarded, rank0, live = stopping.InterruptFlag(), False, None, plots.LiveCurves()
     with interrupt.installed(), progress.bar(total=None, initial=0) as bar:
         try:
             done = False
             while not done:
                 done = context.join(timeout=0.2)  # raises when a worker failed, killing the rest
                 while not messages.empty():
-                    outcome = _handle(messages.get(), bar, live) or outcome
+                    rank0 = _handle(messages.get(), bar, live) or rank0
                 stderr.relay()
                 if interrupt and not forwarded:  # SIGTERM: a worker may get the SIGINT as well
                     for process in context.processes:
@@ -93,9 +93,9 @@ def _supervise(cfg, device: Device, weights: Path, cache_dir: Path, scratch: Pat
                 if process.is_alive():
                     process.terminate()
             stderr.relay(final=True)  # a failed worker's last lines before its traceback
-    if outcome is None:
+    if rank0 is None:
         raise RuntimeError("the training workers ended without a result")
-    return outcome, interrupt.signal_name
+    return rank0, interrupt.signal_name
 
 
 def _handle(message: tuple, bar, live: plots.LiveCurves) -> dict | None:

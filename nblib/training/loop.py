@@ -21,8 +21,8 @@ from nblib.monitoring import mfu, progress, report
 from nblib.setup.config import RunConfig
 from nblib.setup.hardware import Device, peak_memory
 from nblib.training import checkpoint, collectives, contract, oom, stopping
-from nblib.training.optimization import StepOutcome, new_state, optimizer_step
-from nblib.training.outcome import RunResult, StopReason  # noqa: F401 (the notebook reads nblib.train.StopReason)
+from nblib.training.optimization import StepStats, new_state, optimizer_step
+from nblib.training.result import RunResult, StopReason  # noqa: F401 (the notebook reads nblib.train.StopReason)
 from nblib.training.state import TrainState, capture_rng, global_batch_of
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def step_blocks(n_blocks: int, seed: int, epoch: int, position: int, count: int)
 
 
 def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) -> RunResult:
-    """Train `model` on `corpus` as `cfg` says, resuming when asked; returns the outcome.
+    """Train `model` on `corpus` as `cfg` says, resuming when asked; returns how it ended.
 
     Writes checkpoints, `best_model.pt` and `training_history.json` under `cfg.output_dir`.
     Stops early with a checkpoint to resume from: on SIGINT/SIGTERM, at the time budget, after
@@ -108,21 +108,22 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
             mine = indices[device.rank * state.per_rank_batch:(device.rank + 1) * state.per_rank_batch]
             try:
                 with budget.timing("step"):
-                    outcome = optimizer_step(state, train_blocks[np.sort(mine)], device, t.max_grad_norm,
+                    stats = optimizer_step(state, train_blocks[np.sort(mine)], device, t.max_grad_norm,
                                              train_blocks.counted_targets(indices) / device.world_size)
             except oom.OutOfMemoryAtMicroBatchOne:
                 reason = StopReason.OUT_OF_MEMORY  # the position stays before this step
                 break
             state.epoch, state.position = epoch, position
-            _count_step(state, outcome, len(indices) * t.max_length)
-            window.count(outcome, len(indices) * t.max_length, time.perf_counter() - began)
+            _count_step(state, stats, len(indices) * t.max_length)
+            state.schedule.apply(state.optimizer, state.step)
+            window.count(stats, len(indices) * t.max_length, time.perf_counter() - began)
             forecast = budget.forecast(state.step, steps, t.eval_steps, t.save_steps)
-            bar.set_postfix({**_progress(state, outcome, window, device), **forecast.postfix()}, refresh=False)
+            bar.set_postfix({**_progress(state, stats, window, device), **forecast.postfix()}, refresh=False)
             if state.step == min(first_step + CLOCK_AFTER_STEPS, steps):  # the first steps are timed
                 log.info("session clock: %s", forecast.describe())
             bar.update()
-            reporter.scalars({"train/loss": outcome.loss, "train/grad_norm": outcome.grad_norm,
-                              "train/learning_rate": state.scheduler.get_last_lr()[0]}, state.step)
+            reporter.scalars({"train/loss": stats.loss, "train/grad_norm": stats.grad_norm,
+                              "train/learning_rate": state.schedule.lr(state.step)}, state.step)
             if state.step % t.eval_steps == 0 or state.step == steps:
                 with budget.timing("eval"):
                     _evaluate_and_record(state, ctx, window)
@@ -161,15 +162,15 @@ class _Run:
     peak_flops: float  # of one device, in the run's precision (mfu.peak_flops)
 
 
-def _count_step(state: TrainState, outcome: StepOutcome, tokens: int) -> None:
+def _count_step(state: TrainState, stats: StepStats, tokens: int) -> None:
     state.step += 1
     state.tokens_seen += tokens
-    state.step_losses.append(outcome.loss if outcome.applied else math.nan)
-    state.skipped_steps += not outcome.applied
-    state.bad_streak = state.bad_streak + 1 if outcome.bad_loss else 0
-    if outcome.bad_loss:
+    state.step_losses.append(stats.loss if stats.applied else math.nan)
+    state.skipped_steps += not stats.applied
+    state.bad_streak = state.bad_streak + 1 if stats.bad_loss else 0
+    if stats.bad_loss:
         log.warning("step %d: loss %s, gradient norm %s: update skipped (%d in a row)",
-                    state.step, outcome.loss, outcome.grad_norm, state.bad_streak)
+                    state.step, stats.loss, stats.grad_norm, state.bad_streak)
 
 
 def _save_on_stop(reason: StopReason, state: TrainState, ctx: _Run) -> None:
@@ -183,9 +184,9 @@ def _save_on_stop(reason: StopReason, state: TrainState, ctx: _Run) -> None:
         checkpoint.save(ctx.cfg.output_dir / checkpoint.EMERGENCY, state.state_dict(ctx.config, rng_states))
 
 
-def _progress(state: TrainState, outcome: StepOutcome, window: progress.Window, device: Device) -> dict:
-    shown = {"loss": f"{outcome.loss:.3f}", "lr": f"{state.scheduler.get_last_lr()[0]:.2e}",
-             "grad_norm": f"{outcome.grad_norm:.2f}",
+def _progress(state: TrainState, stats: StepStats, window: progress.Window, device: Device) -> dict:
+    shown = {"loss": f"{stats.loss:.3f}", "lr": f"{state.schedule.lr(state.step):.2e}",
+             "grad_norm": f"{stats.grad_norm:.2f}",
              "tok/s": f"{window.tokens_per_second():,.0f}"}
     if device.is_cuda:
         shown["mem"] = f"{peak_memory(device)['peak_gpu_memory_gb']:.1f}GB"
@@ -202,7 +203,7 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: progress.Window) 
     tokens_per_second = window.tokens_per_second()
     record = history.Record(
         epoch=state.epoch, step=state.step, tokens_seen=state.tokens_seen, train_loss=state.train_loss,
-        val_loss=state.val_loss, learning_rate=state.scheduler.get_last_lr()[0],
+        val_loss=state.val_loss, learning_rate=state.schedule.lr(state.step),
         grad_norm=float(np.mean(window.grad_norms)) if window.grad_norms else math.nan,
         tokens_per_second=tokens_per_second,
         mfu=mfu.utilisation(tokens_per_second, ctx.flops_per_token, ctx.peak_flops, ctx.device.world_size),

@@ -12,13 +12,12 @@ from nblib.setup.config import RunConfig
 from nblib.setup.hardware import Device
 from nblib.training import collectives, oom
 from nblib.training.loss import chunkable_head, compile_for_training, counted_targets, loss_of, to_batch
+from nblib.training.schedule import Schedule
 from nblib.training.state import TrainState
-
-MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak, as nanoGPT does
 
 
 @dataclass(frozen=True)
-class StepOutcome:
+class StepStats:
     loss: float  # mean loss over the step's blocks
     grad_norm: float  # before clipping
     applied: bool  # False: skipped, the loss or the gradients were not finite
@@ -28,14 +27,6 @@ class StepOutcome:
         """A non-finite loss. Non-finite gradients with a finite loss are an fp16 overflow that
         the GradScaler handles: skipped, but not counted towards the bad-loss streak."""
         return not math.isfinite(self.loss)
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak learning rate at `step`: linear warm-up, then cosine decay."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
@@ -48,17 +39,18 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW
 
 
 def new_state(cfg: RunConfig, device: Device, model: torch.nn.Module, steps: int) -> TrainState:
-    """Model on the device (rank 0's weights on every rank of a data-parallel run), AdamW,
-    warm-up/cosine schedule, a GradScaler for fp16, and the compiled forward when `torch_compile`
+    """Model on the device (rank 0's weights on every rank of a data-parallel run), AdamW, the
+    warm-up/cosine schedule over `steps`, a GradScaler for fp16, and the compiled forward when `torch_compile`
     is on."""
     model.to(device.device)
     collectives.broadcast_parameters(model)
     optimizer = build_optimizer(model, cfg)
-    schedule = partial(lr_factor, warmup_steps=cfg.train.warmup_steps, total_steps=steps)
+    schedule = Schedule(cfg.train.learning_rate, cfg.train.warmup_steps, steps)
+    schedule.apply(optimizer, 0)
     batch_size, accumulation = collectives.share(cfg.train.global_batch, cfg.train.batch_size, device.world_size)
     return TrainState(
         model=model, optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        schedule=schedule,
         scaler=torch.amp.GradScaler(device.device.type) if device.uses_grad_scaler else None,
         batch_size=batch_size, gradient_accumulation_steps=accumulation,
         global_batch=cfg.train.global_batch, world_size=device.world_size, rank=device.rank,
@@ -81,16 +73,16 @@ def compiled_forward(model: torch.nn.Module, device: Device) -> torch.nn.Module:
 
 
 def accumulate_gradients(state: TrainState, blocks: np.ndarray, device: Device,
-                         per_rank_targets: float | None = None) -> torch.Tensor:
+                         targets_per_rank: float | None = None) -> torch.Tensor:
     """Forward and backward over `blocks` in `state.gradient_accumulation_steps` micro-batches;
     returns the mean loss per target token as a device tensor (no host sync per micro-step). Each
     micro-batch weighs by its targets that carry loss (conversations' answers differ in length):
-    the divisor is `per_rank_targets`, the whole step's count over the ranks (default: this
+    the divisor is `targets_per_rank`, the whole step's count over the ranks (default: this
     process's own), so that the ranks' averaged gradients are the global per-token mean. No rank
     waits on another here (the gradients are exchanged after), so an OOM can be agreed on."""
     state.model.train()
     loss_sum = torch.zeros((), device=device.device)
-    targets_in_step = max(per_rank_targets or counted_targets(blocks), 1)
+    targets_in_step = max(targets_per_rank or counted_targets(blocks), 1)
     for micro in np.array_split(blocks, state.gradient_accumulation_steps):
         inputs, targets = to_batch(micro, device)
         loss = loss_of(state.model, inputs, targets, device, reduction="sum", compiled=state.compiled)
@@ -104,7 +96,7 @@ def _backward(state: TrainState, loss: torch.Tensor) -> None:
 
 
 def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_grad_norm: float,
-                   per_rank_targets: float | None = None) -> StepOutcome:
+                   targets_per_rank: float | None = None) -> StepStats:
     """One optimizer step over `blocks` (this process's share of the global batch), with OOM recovery.
 
     An OOM halves the micro-batch and retries the same blocks. A non-finite loss or gradient
@@ -113,7 +105,7 @@ def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_gr
     optimizer = state.optimizer
     reset = partial(optimizer.zero_grad, set_to_none=True)
     loss_sum = oom.retry_on_oom(state, len(blocks),
-                                lambda: accumulate_gradients(state, blocks, device, per_rank_targets),
+                                lambda: accumulate_gradients(state, blocks, device, targets_per_rank),
                                 reset, agree=lambda oom: collectives.any_rank(oom, device))
     # After the ranks agreed on OOM, so no rank waits on one that backs off: a few flat all-reduces.
     collectives.average_gradients(state.model)
@@ -133,5 +125,4 @@ def optimizer_step(state: TrainState, blocks: np.ndarray, device: Device, max_gr
     elif applied:
         optimizer.step()
     reset()
-    state.scheduler.step()
-    return StepOutcome(loss, norm, applied)
+    return StepStats(loss, norm, applied)

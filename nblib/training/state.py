@@ -11,13 +11,14 @@ import torch
 
 from nblib import history
 from nblib.model import gpt2
+from nblib.training.schedule import Schedule
 
 
 @dataclass
 class TrainState:
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer | None  # None: an outcome to read, not a state to resume (`outcome`)
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    optimizer: torch.optim.Optimizer | None  # None: a finished run to read, not to resume (`of_checkpoint`)
+    schedule: Schedule | None  # owns the optimizer's learning rate
     scaler: torch.amp.GradScaler | None
     batch_size: int  # micro-batch in use (OOM recovery may lower it)
     gradient_accumulation_steps: int  # raised with it, so this process's blocks per step stay fixed
@@ -51,7 +52,7 @@ class TrainState:
         return {
             **gpt2.checkpoint_weights(self.model),
             "optimizer_state_dict": self.optimizer.state_dict(),
-            "scheduler_state_dict": self.scheduler.state_dict(),
+            "scheduler_state_dict": self.schedule.state_dict(),
             "scaler_state_dict": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch, "step": self.step, "position": self.position,
             "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss,
@@ -66,7 +67,7 @@ class TrainState:
         }
 
     @classmethod
-    def outcome(cls, model: torch.nn.Module, checkpoint: dict[str, Any]) -> TrainState:
+    def of_checkpoint(cls, model: torch.nn.Module, checkpoint: dict[str, Any]) -> TrainState:
         """The weights, counters and history of a checkpoint, without an optimizer: how the
         notebook's process reads what its data-parallel workers left."""
         state = cls(model, None, None, None, batch_size=0, gradient_accumulation_steps=0, global_batch=0)
@@ -78,7 +79,6 @@ class TrainState:
         """Restore from a checkpoint dict (tensors may be on any device)."""
         gpt2.load_weights(self.model, checkpoint)
         self.optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
-        self.scheduler.load_state_dict(checkpoint["scheduler_state_dict"])
         if self.scaler and checkpoint.get("scaler_state_dict"):
             self.scaler.load_state_dict(checkpoint["scaler_state_dict"])
         self._load_progress(checkpoint)
