@@ -68,18 +68,23 @@ def final_state(run_dir):
     return checkpoint.load(newest)
 
 
-@pytest.fixture
-def params(tmp_path, wikitext_file, tokenizer_dir):
-    return tiny_params(tmp_path, dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, wikitext_file, tokenizer_dir):
+    return tiny_params(tmp_path_factory.mktemp("job"), dataset=str(wikitext_file), tokenizer=str(tokenizer_dir),
                        dropout=0.1, max_steps=150, save_steps=5, eval_steps=10, max_checkpoints=2,
                        resume_from_checkpoint="auto")
 
 
 @pytest.fixture
-def reference(tmp_path_factory, params):
-    """The same run, uninterrupted."""
+def params(tmp_path, shared):
+    return {**shared, "output_dir": str(tmp_path / "run")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shared):
+    """The same run, uninterrupted: once for the module's tests."""
     where = tmp_path_factory.mktemp("reference")
-    proc = start(where, {**params, "output_dir": str(where / "run")})
+    proc = start(where, {**shared, "output_dir": str(where / "run")})
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
     return final_state(where / "run")
 

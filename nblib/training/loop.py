@@ -27,6 +27,7 @@ from nblib.training.state import TrainState, capture_rng, global_batch_of
 
 log = logging.getLogger(__name__)
 
+clock = time.perf_counter  # the loop's timer (seconds); the tests hand it a fake one
 SAVE_BYTES_PER_SECOND = 50e6  # a cautious disk speed, until the first save is timed
 CLOCK_AFTER_STEPS = 5  # the session clock's first forecast, from this many timed steps
 
@@ -90,7 +91,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     interrupt = stopping.InterruptFlag(escalate=not collectives.in_worker())
     reporter = report.open_reporter(cfg.report_to, run_dir, config) if device.is_main else report.Reporter()
     ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, corpus.is_chat, reporter,
-               time.perf_counter(), steps, budget, mfu.flops_per_token(cfg, model.config.vocab_size),
+               clock(), steps, budget, mfu.flops_per_token(cfg, model.config.vocab_size),
                mfu.peak_flops(device)[0])
     first_step, first_tokens = state.step, state.tokens_seen
     window, reason, live = progress.Window(), StopReason.COMPLETED, progress.Curves()
@@ -98,7 +99,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
         budget.refuse_if_spent()
     with interrupt.installed(), progress.bar(steps, state.step, disable=not device.is_main) as bar:
         while state.step < steps:
-            began = time.perf_counter()
+            began = clock()
             interrupted, out_of_time = collectives.agree(bool(interrupt), budget.exhausted(), device=device)
             if interrupted or out_of_time:  # between steps: the state is whole
                 reason = StopReason.INTERRUPTED if interrupted else StopReason.TIME_BUDGET
@@ -116,7 +117,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
             state.epoch, state.position = epoch, position
             _count_step(state, stats, len(indices) * t.max_length)
             state.schedule.apply(state.optimizer, state.step)
-            window.count(stats, len(indices) * t.max_length, time.perf_counter() - began)
+            window.count(stats, len(indices) * t.max_length, clock() - began)
             forecast = budget.forecast(state.step, steps, t.eval_steps, t.save_steps)
             bar.set_postfix({**_progress(state, stats, window, device), **forecast.postfix()}, refresh=False)
             if state.step == min(first_step + CLOCK_AFTER_STEPS, steps):  # the first steps are timed
@@ -141,7 +142,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
         _evaluate_and_record(state, ctx, window)
     _save_on_stop(reason, state, ctx)
     reporter.close()
-    return RunResult(state, reason, run_dir, time.perf_counter() - ctx.started, interrupt.signal_name, steps,
+    return RunResult(state, reason, run_dir, clock() - ctx.started, interrupt.signal_name, steps,
                      first_step, first_tokens)
 
 
@@ -207,7 +208,7 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: progress.Window) 
         grad_norm=float(np.mean(window.grad_norms)) if window.grad_norms else math.nan,
         tokens_per_second=tokens_per_second,
         mfu=mfu.utilisation(tokens_per_second, ctx.flops_per_token, ctx.peak_flops, ctx.device.world_size),
-        elapsed_seconds=time.perf_counter() - ctx.started,
+        elapsed_seconds=clock() - ctx.started,
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         batch_size=state.batch_size, gradient_accumulation_steps=state.gradient_accumulation_steps,
         skipped_steps=state.skipped_steps, **peak_memory(ctx.device),
