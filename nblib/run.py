@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import logging
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +46,7 @@ from nblib.monitoring import plots
 from nblib.setup import hardware, lock, params
 from nblib.setup.config import RunConfig
 from nblib.setup.hardware import Device
-from nblib.training import collectives, contract, launch, state
+from nblib.training import collectives, contract, launch, planning, state
 from nblib.training.result import RunResult, StopReason
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,10 @@ class Run:
         warning = hardware.cpu_check(cfg, device)
         if warning:
             log.warning(warning)
+        problem = cfg.train.fit_to_budget and planning.setup_problem(cfg.train.time_budget_minutes, cfg.started_at,
+                                                                     time.time())
+        if problem:
+            raise console.ConfigError(problem)
         state.seed_everything(cfg.train.seed)
         if not cfg.dry_run:
             lock.hold(cfg.output_dir)  # until the summary cell: a second run here stops, naming this one

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # notebooks, worker processes or commands: minute
 
 
 REPO = Path(__file__).resolve().parent.parent
-HOLD_FOREVER = ("import signal, sys; from nblib import lock; lock.hold(sys.argv[1]); print('held', flush=True); "
+HOLD_FOREVER = ("import signal, sys; from nblib.setup import lock; lock.hold(sys.argv[1]); print('held', flush=True); "
                 "signal.pause()")
 
 

@@ -167,7 +167,7 @@ def test_continuing_across_kaggle_sessions(tmp_path, wikitext_file, tokenizer_di
     attached = tmp_path / "input" / "my-notebook-version-1"
     shutil.copytree(session1, attached)
     monkeypatch.setattr(paths, "KAGGLE_INPUT", tmp_path / "input")
-    monkeypatch.setattr(data, "build_cache", lambda *a: pytest.fail("tokenized again"))
+    monkeypatch.setattr(data.cache, "build_cache", lambda *a: pytest.fail("tokenized again"))
 
     working = tmp_path / "working"
     resumed, _ = run_tiny(params.resolve({**base, "output_dir": str(working)}))

@@ -152,10 +152,10 @@ class TrainConfig:
                                 presets=(0.01, 0.1, 0.01))
     max_grad_norm: float = param(help="gradient clipping threshold", resume=APPLIED, why="clips from the next step",
                                  check=positive, presets=(1.0, 1.0, 1.0))
-    epochs: int = param(help="passes over the data, used when max_steps is 0", resume=APPLIED, why=_SCHEDULE,
-                        check=positive, presets=(3, 1, 1))
-    max_steps: int = param(help="optimizer steps; 0 derives them from epochs", resume=APPLIED, why=_SCHEDULE,
-                           check=non_negative, presets=(0, 1200, 40))
+    epochs: int = param(help="passes over the data, used when max_steps is 0 (with fit_to_budget: the most)",
+                        resume=APPLIED, why=_SCHEDULE, check=positive, presets=(3, 20, 1))
+    max_steps: int = param(help="optimizer steps; 0 derives them from epochs (with fit_to_budget: the most)",
+                           resume=APPLIED, why=_SCHEDULE, check=non_negative, presets=(0, 0, 40))
     warmup_steps: int = param(help="linear warm-up steps before the cosine decay", resume=APPLIED, why=_SCHEDULE,
                               check=non_negative, presets=(500, 50, 5))
     max_length: int = param(help="tokens per training block, at most n_positions", resume=IDENTITY, why=_BLOCKS,
@@ -171,7 +171,11 @@ class TrainConfig:
                                  why=_NEXT_STEP, check=positive, presets=(4, 4, 2))
     time_budget_minutes: float = param(help="from the session's start: save, export and stop before it; 0 for "
                                             "none (kaggle-t4: 11 h, Kaggle stops GPU sessions at 12)",
-                                       resume=APPLIED, why=_NEXT_STEP, check=non_negative, presets=(660, 0, 0))
+                                       resume=APPLIED, why=_NEXT_STEP, check=non_negative, presets=(660, 10, 0))
+    fit_to_budget: bool = param(help="fit the step count to time_budget_minutes once the first steps are timed: "
+                                     "the schedule then ends, decayed, as the budget does (max_steps > 0 caps it)",
+                                resume=APPLIED, why="the plan is kept in the checkpoint; another budget plans again",
+                                presets=(False, True, False))
     max_bad_steps: int = param(10, help="consecutive non-finite losses before the run stops with an emergency "
                                         "checkpoint", resume=APPLIED, why=_NEXT_STEP, check=positive)
     precision: str = param("auto", help='"auto", "fp32", "fp16" or "bf16"', resume=APPLIED, why=_NEXT_STEP,
@@ -272,6 +276,8 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append(f"n_embd={m.n_embd!r}: must be divisible by n_head={m.n_head}")
     if t.max_length > m.n_positions:
         problems.append(f"max_length={t.max_length!r}: must be <= n_positions={m.n_positions}")
+    if t.fit_to_budget and not t.time_budget_minutes:
+        problems.append("fit_to_budget=True needs a time budget: set time_budget_minutes (e.g. 600 on Kaggle)")
     if cfg.devices != "auto" and (isinstance(cfg.devices, str) or cfg.devices < 1):
         problems.append(f"devices={cfg.devices!r}: must be 'auto' (every GPU) or a number of processes >= 1")
     return problems + _lora_problems(cfg)

@@ -53,6 +53,15 @@ def any_rank(flag: bool, device: Device) -> bool:
     return agree(flag, device=device)[0]
 
 
+def from_rank_0(value: float, device: Device) -> float:
+    """Rank 0's `value` on every rank (itself outside a worker): one decision for all."""
+    if not in_worker():
+        return value
+    shared = torch.tensor([float(value)], dtype=torch.float64, device=device.device)
+    dist.broadcast(shared, src=0)
+    return to_host(shared)[0]
+
+
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """The mean of a tensor over the ranks (itself outside a worker)."""
     if not in_worker():

@@ -158,6 +158,10 @@ def resume(state: TrainState, path: Path, saved: dict, changes: list[Change], cf
     _split_global_batch(state, cfg, world_size,
                         new_split=any(c.name in ("batch_size", "gradient_accumulation_steps") for c in changes))
     state.optimizer.param_groups[0]["weight_decay"] = cfg.train.weight_decay  # the matrices; the rest stay at 0
+    if not cfg.train.fit_to_budget or any(c.name in ("time_budget_minutes", "fit_to_budget") for c in changes):
+        state.planned_steps = None  # planned again in this session (training.planning), or not fitted at all
+    elif state.planned_steps is not None:
+        state.schedule.total_steps = state.planned_steps  # the plan the checkpoint holds: the run stays exact
     state.schedule.apply(state.optimizer, state.step)  # this run's peak and length, from the resumed step
     log.info("resumed from %s at step %d (epoch %d, block %d of its order)",
              path, state.step, state.epoch, state.position)

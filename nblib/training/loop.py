@@ -1,11 +1,11 @@
 """The training loop: AdamW, warm-up + cosine, accumulation, clipping, evaluation and checkpoints."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -20,7 +20,7 @@ from nblib.model.gpt2 import weights_are_finite
 from nblib.monitoring import mfu, progress, report
 from nblib.setup.config import RunConfig
 from nblib.setup.hardware import Device, peak_memory
-from nblib.training import checkpoint, collectives, contract, oom, stopping
+from nblib.training import checkpoint, collectives, contract, oom, planning, stopping
 from nblib.training.optimization import StepStats, new_state, optimizer_step
 from nblib.training.result import RunResult, StopReason  # noqa: F401 (the notebook reads nblib.train.StopReason)
 from nblib.training.state import TrainState, capture_rng, global_batch_of
@@ -82,6 +82,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     state = new_state(cfg, device, model, steps)
     if resumed:
         contract.resume(state, *resumed, cfg, device.world_size)
+    steps = state.planned_steps or steps  # a fitted run's plan, kept in its checkpoint
     if device.is_main:
         checkpoint.check_disk_budget(run_dir, model, t.max_checkpoints)
         files.write_json(run_dir / "run_config.json", config)
@@ -94,7 +95,8 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
                clock(), steps, budget, mfu.flops_per_token(cfg, model.config.vocab_size),
                mfu.peak_flops(device)[0])
     first_step, first_tokens = state.step, state.tokens_seen
-    window, reason, live = progress.Window(), StopReason.COMPLETED, progress.Curves()
+    window, reason, live, plan = progress.Window(), StopReason.COMPLETED, progress.Curves(), None
+    fit_at = first_step + planning.FIT_AFTER_STEPS if t.fit_to_budget and state.planned_steps is None else None
     if state.step < steps:
         budget.refuse_if_spent()
     with interrupt.installed(), progress.bar(steps, state.step, disable=not device.is_main) as bar:
@@ -120,8 +122,12 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
             window.count(stats, len(indices) * t.max_length, clock() - began)
             forecast = budget.forecast(state.step, steps, t.eval_steps, t.save_steps)
             bar.set_postfix({**_progress(state, stats, window, device), **forecast.postfix()}, refresh=False)
-            if state.step == min(first_step + CLOCK_AFTER_STEPS, steps):  # the first steps are timed
+            if state.step == min(first_step + CLOCK_AFTER_STEPS, steps) and not fit_at:  # the first steps are timed
                 log.info("session clock: %s", forecast.describe())
+            if state.step == fit_at:
+                plan = _fit(state, ctx, corpus, cap=steps)
+                steps = bar.total = state.planned_steps
+                ctx = dataclasses.replace(ctx, total_steps=steps)
             bar.update()
             reporter.scalars({"train/loss": stats.loss, "train/grad_norm": stats.grad_norm,
                               "train/learning_rate": state.schedule.lr(state.step)}, state.step)
@@ -130,6 +136,10 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
                     _evaluate_and_record(state, ctx, window)
                     if device.is_main:
                         live.update(state.history)
+                if plan and not plan.refitted and planning.drifted(plan, budget, t.eval_steps, t.save_steps):
+                    plan = dataclasses.replace(_fit(state, ctx, corpus, cap=max(steps, plan.cap)), refitted=True)
+                    steps = bar.total = state.planned_steps
+                    ctx = dataclasses.replace(ctx, total_steps=steps)
             if state.step % t.save_steps == 0 or state.step == steps:
                 collectives.check_in_sync(state.model, state.step, device)
                 with budget.timing("save"):
@@ -146,7 +156,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
                      first_step, first_tokens)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Run:
     """What the loop's helpers share for a whole run."""
     cfg: RunConfig
@@ -229,6 +239,24 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: progress.Window) 
         if ctx.device.is_main:
             checkpoint.save(cfg.output_dir / checkpoint.BEST_MODEL, state.state_dict(ctx.config))
     window.reset()  # throughput counts training, not evaluation and its saves
+
+
+def _fit(state: TrainState, ctx: _Run, corpus: Corpus, cap: int) -> planning.Plan:
+    """Fit the run's length to its budget now: rank 0's plan, on every rank; the schedule spans it."""
+    t, budget = ctx.cfg.train, ctx.budget
+    eval_seconds = budget.eval_seconds or planning.estimated_eval_seconds(budget.step_seconds, t.eval_blocks,
+                                                                          state.global_batch)
+    items = ctx.cfg.hellaswag_items or (10_042 if ctx.cfg.eval_hellaswag else 0)
+    after = planning.after_training_seconds(eval_seconds, budget.save_seconds, len(ctx.val_blocks),
+                                            len(corpus.blocks("test")), items)
+    plan = planning.fit(budget, state.step, cap, t.eval_steps, t.save_steps, after, eval_seconds)
+    total = int(collectives.from_rank_0(plan.total_steps, ctx.device))
+    plan = dataclasses.replace(plan, total_steps=total, cap=cap)
+    state.planned_steps = state.schedule.total_steps = total
+    state.schedule.apply(state.optimizer, state.step)
+    state.events.append(plan.as_event())
+    log.info("%s", plan.describe())
+    return plan
 
 
 def _save_checkpoint(state: TrainState, ctx: _Run) -> None:

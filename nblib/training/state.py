@@ -36,6 +36,7 @@ class TrainState:
     step_losses: list[float] = field(default_factory=list)  # one per optimizer step, NaN if skipped
     skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradients)
     bad_streak: int = 0  # consecutive steps with a non-finite loss
+    planned_steps: int | None = None  # fit_to_budget: the run's length, fitted to its budget (training.planning)
     events: list[dict[str, Any]] = field(default_factory=list)  # OOM back-offs, in order
     compiled: torch.nn.Module | None = None  # what training calls under torch.compile; None: the model
 
@@ -64,6 +65,7 @@ class TrainState:
             "history": [record.to_dict() for record in self.history],
             "step_losses": list(self.step_losses), "skipped_steps": self.skipped_steps,
             "bad_streak": self.bad_streak, "events": list(self.events), "config": config,
+            "planned_steps": self.planned_steps,
         }
 
     @classmethod
@@ -94,6 +96,7 @@ class TrainState:
         self.step_losses = list(checkpoint.get("step_losses", []))
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
         self.bad_streak = checkpoint.get("bad_streak", 0)
+        self.planned_steps = checkpoint.get("planned_steps")
         self.events = list(checkpoint.get("events", []))
 
     def _restore_rng(self, checkpoint: dict[str, Any]) -> None:
