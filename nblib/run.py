@@ -34,6 +34,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from nblib import console, history
@@ -55,6 +56,7 @@ STAGES = {"setup": "Setup", "data": "Data", "model": "Model", "train": "Train", 
           "curves": "Training curves", "export": "Export", "hellaswag": "HellaSwag", "generate": "Generate",
           "publish": "Publish"}  # the cells in order, by their headings
 ORDER = list(STAGES)
+GGUF_BLOCKS = 8  # held-out blocks llama.cpp reads each GGUF type on, at export (with llama-cpp-python)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +189,8 @@ class Run:
 
     @stage("export")
     def export(self, model: torch.nn.Module, corpus: Corpus):
-        path = huggingface.final_model_of_run(model, corpus.tokenizer, self.cfg)
+        held_out = np.asarray(corpus.blocks("validation")[:GGUF_BLOCKS])  # llama.cpp's measure of the GGUF types
+        path = huggingface.final_model_of_run(model, corpus.tokenizer, self.cfg, held_out)
         print(f"exported {path}")
         return path
 

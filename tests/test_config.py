@@ -58,6 +58,8 @@ def test_parameters_override_the_preset_and_a_notebooks_other_names_are_ignored(
     ({"report_to": "mlflow"}, r"report_to='mlflow': must be one of none, tensorboard, wandb"),
     ({"lora_export": "both"}, r"lora_export='both': must be one of merged, adapter"),
     ({"export_dtype": "fp16"}, r"export_dtype='fp16': must be one of float32, float16, bfloat16"),
+    ({"export_gguf": True, "gguf_type": "q4_k_m"}, r"""gguf_type='q4_k_m': must be one of "", q8_0, q4_0"""),
+    ({"gguf_type": "q4_0"}, r"gguf_type='q4_0': set export_gguf=True too, or gguf_type=''"),
     ({"sample_from": "/no/model"}, r"sample_from='/no/model': no such directory or checkpoint"),
 ])
 def test_each_rule_names_parameter_value_and_what_is_allowed(tmp_path, override, message):

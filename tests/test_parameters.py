@@ -12,7 +12,7 @@ def test_every_field_of_the_configuration_is_one_parameter_with_its_help_and_rul
     fields = {(section, f.name) for section, cls in (("", config.RunConfig), *config.SECTIONS.items())
               for f in dataclasses.fields(cls) if f.name not in (*config.SECTIONS, "started_at", "given")}
     assert {(p.section, p.field) for p in parameters.TABLE} == fields
-    assert len(parameters.NAMES) == len(set(parameters.NAMES)) == 63
+    assert len(parameters.NAMES) == len(set(parameters.NAMES)) == 64
     for p in parameters.TABLE:
         assert p.help and p.resume in (config.IDENTITY, config.BOUND, config.APPLIED, config.FREE), p.name
         assert (p.default is None) == bool(p.presets) or p.name in ("output_dir", "stride"), p.name

@@ -1,19 +1,24 @@
-"""`final_model/model.gguf`: a GPT-2 in Hugging Face format, as llama.cpp reads it.
+"""`final_model/model.gguf`: a GPT-2 in Hugging Face format, as llama.cpp reads it, in float32,
+float16, bfloat16 or quantized (q8_0, q4_0).
 
 The layout is llama.cpp's own for GPT-2 (`convert_hf_to_gguf.py`, class GPT2Model): the `gguf`
 package's tensor-name map, the Conv1D matrices transposed to (out, in), the tied head written
 out as `output.weight`, and a "gpt2" byte-level BPE vocabulary with the "gpt-2" pre-tokenizer,
-its merges, special tokens and chat template. Matrices take the export's dtype; biases and
-norms stay float32, as llama.cpp keeps them.
+its merges, special tokens and chat template. Which tensors keep more precision follows llama.cpp
+(`tensor_kind`); the quantizers are the `gguf` package's own.
 
-    python -m nblib.export.gguf_file runs/cpu-demo/final_model --dtype float16
+    python -m nblib.export.gguf_file runs/cpu-demo/final_model --type q8_0
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
+import math
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +26,19 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from nblib import files
+from nblib.console import size
+from nblib.training.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
+GGUF = "model.gguf"  # inside final_model/, so the export is one unit
+TYPES_MEASURED = "gguf_types.json"  # llama.cpp's perplexity, size and speed of each GGUF type
 INSTALL = "pip install gguf"
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 SKIPPED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old transformers versions
+FILE_TYPES = {"float32": "ALL_F32", "float16": "MOSTLY_F16", "bfloat16": "MOSTLY_BF16",  # gguf.LlamaFileType
+              "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+QUANTIZED = ("q8_0", "q4_0")
 
 
 def availability_problems(export_gguf: bool) -> list[str]:
@@ -36,8 +48,9 @@ def availability_problems(export_gguf: bool) -> list[str]:
     return []
 
 
-def write(model_dir: Path, out: Path, dtype: str = "float32") -> Path:
-    """Convert the Hugging Face GPT-2 in `model_dir` into the GGUF file `out` (written atomically).
+def write(model_dir: Path, out: Path, kind: str = "float32", announce: bool = True) -> Path:
+    """Convert the Hugging Face GPT-2 in `model_dir` into the GGUF file `out` (written atomically),
+    its matrices in `kind` (FILE_TYPES); `announce`: log the file written (else only at DEBUG).
 
     Raises:
         ValueError: the directory holds no plain GPT-2 (a LoRA adapter alone), or its tokenizer
@@ -63,24 +76,38 @@ def write(model_dir: Path, out: Path, dtype: str = "float32") -> Path:
         writer.add_feed_forward_length(c.n_inner or 4 * c.n_embd)
         writer.add_head_count(c.n_head)
         writer.add_layer_norm_eps(c.layer_norm_epsilon)
-        writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
+        writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[kind]))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_vocabulary(writer, tokenizer, c.vocab_size, model_dir)
-        for name, array, raw in _tensors(model, dtype):
+        for name, array, raw in _tensors(model, kind):
             writer.add_tensor(name, array, raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
 
-    files.atomic_write(Path(out), fill)
-    log.info("wrote %s (%s)", out, dtype)
+    chatty = logging.getLogger("gguf")  # the writer's own INFO lines ("Writing the following files: ...")
+    level, chatty.level = chatty.level, max(chatty.level, logging.WARNING)
+    try:
+        files.atomic_write(Path(out), fill)
+    finally:
+        chatty.setLevel(level)
+    log.log(logging.INFO if announce else logging.DEBUG, "wrote %s (%s)", out, kind)
     return Path(out)
 
 
-FILE_TYPES = {"float32": "ALL_F32", "float16": "MOSTLY_F16", "bfloat16": "MOSTLY_BF16"}  # gguf.LlamaFileType
+def tensor_kind(name: str, dims: int, kind: str) -> str:
+    """What a tensor is written in, by llama.cpp's rules: 1-D tensors, norms and the position
+    embedding stay float32 (convert_hf_to_gguf.py); in a 4-bit file the output head is q8_0, the
+    nearest the gguf package writes to llama-quantize's Q6_K for it; the rest take `kind`."""
+    if dims < 2 or name.endswith("_norm.weight") or name.startswith("position_embd"):
+        return "float32"
+    if kind == "q4_0" and name == "output.weight":
+        return "q8_0"
+    return kind
 
 
-def _tensors(model: GPT2LMHeadModel, dtype: str):
+def _tensors(model: GPT2LMHeadModel, kind: str):
     """(GGUF name, array, raw dtype or None) for every weight; the tied head as `output.weight`."""
     import gguf
 
@@ -93,15 +120,71 @@ def _tensors(model: GPT2LMHeadModel, dtype: str):
         name = "output.weight" if key == "lm_head.weight" else names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"export_gguf: no GGUF name for the weight {key!r}")
-        yield (name, *_encoded(tensor.contiguous(), dtype if tensor.dim() == 2 else "float32"))
+        yield (name, *_encoded(name, tensor.contiguous(), tensor_kind(name, tensor.dim(), kind)))
 
 
-def _encoded(tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, object]:
-    if dtype == "bfloat16":  # numpy has no bfloat16: its raw 16 bits, typed for the writer
-        import gguf
+def _encoded(name: str, tensor: torch.Tensor, kind: str) -> tuple[np.ndarray, object]:
+    import gguf
 
+    if kind in QUANTIZED:
+        qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+        try:
+            return gguf.quants.quantize(tensor.float().numpy(), qtype), qtype
+        except gguf.QuantError as error:  # a row the block size does not divide
+            log.warning("%s: %s; written as float16, as llama.cpp's converter does", name, error)
+            kind = "float16"
+    if kind == "bfloat16":  # numpy has no bfloat16: its raw 16 bits, typed for the writer
         return tensor.to(torch.bfloat16).view(torch.int16).numpy(), gguf.GGMLQuantizationType.BF16
-    return tensor.to(getattr(torch, dtype)).numpy(), None
+    return tensor.to(getattr(torch, kind)).numpy(), None
+
+
+def can_measure() -> bool:
+    """llama-cpp-python is installed (it builds llama.cpp itself)."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def measure(path: Path, blocks: np.ndarray, generated: int = 128) -> dict:
+    """llama.cpp's own reading of the GGUF `path` (llama-cpp-python): the perplexity of held-out
+    `blocks` as the notebook's validation counts it ((n, T+1) tokens, every target scored after the
+    tokens before it in its block; or conversations' (n, 2, T+1) tokens and labels, the answers'
+    targets only), the file's size, and the tokens/s of greedy generation on this machine."""
+    from llama_cpp import Llama
+
+    tokens, labels = (blocks[:, 0], blocks[:, 1]) if blocks.ndim == 3 else (blocks, blocks)
+    context = tokens.shape[1] - 1
+    with contextlib.closing(Llama(str(path), n_ctx=context, logits_all=True, verbose=False)) as llm:
+        loss, counted = 0.0, 0
+        for block, label in zip(tokens, labels):
+            llm.reset()
+            llm.eval(block[:-1].tolist())
+            scored = np.flatnonzero(label[1:] != IGNORE_INDEX)
+            logits = np.asarray(llm.scores[:context], dtype=np.float64)[scored]
+            top = logits.max(-1)
+            log_total = top + np.log(np.exp(logits - top[:, None]).sum(-1))
+            loss += float((log_total - logits[np.arange(len(scored)), label[1:][scored]]).sum())
+            counted += len(scored)
+        prompt, produced = tokens[0][:8].tolist(), 0
+        started = time.perf_counter()
+        for _ in llm.generate(prompt, temp=0.0):  # greedy, so every run times the same tokens
+            produced += 1
+            if produced == min(generated, context - len(prompt)):
+                break
+        seconds = time.perf_counter() - started
+    return {"perplexity": math.exp(loss / counted), "bytes": Path(path).stat().st_size,
+            "tokens_per_second": produced / seconds, "blocks": len(blocks)}
+
+
+def compare(model_dir: Path, blocks: np.ndarray, kinds: tuple[str, ...] = ("float16", "q8_0", "q4_0")) -> list[dict]:
+    """Each kind written aside and read back by llama.cpp (`measure`): one row per kind."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nblib-gguf-") as scratch:
+        for kind in kinds:
+            path = write(model_dir, Path(scratch) / f"{kind}.gguf", kind, announce=False)
+            rows.append({"type": kind, **measure(path, blocks)})
+            path.unlink()
+    log.info("llama.cpp's perplexity on %d held-out blocks: %s", len(blocks),
+             ", ".join(f"{r['type']} {r['perplexity']:.3f} ({size(r['bytes'])})" for r in rows))
+    return rows
 
 
 def _add_vocabulary(writer, tokenizer, vocab_size: int, model_dir: Path) -> None:
@@ -136,9 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", type=Path, help="a final_model directory (Hugging Face GPT-2)")
     parser.add_argument("--out", type=Path, help="the .gguf file (default: model.gguf in the directory, "
                         "where the notebook's export puts it)")
-    parser.add_argument("--dtype", choices=tuple(FILE_TYPES), default="float32")
+    parser.add_argument("--type", "--dtype", choices=tuple(FILE_TYPES), default="float32", dest="kind",
+                        help="the matrices' type: a float, or quantized (q8_0, q4_0)")
     args = parser.parse_args(argv)
-    print(write(args.model, args.out or args.model / "model.gguf", args.dtype))
+    print(write(args.model, args.out or args.model / "model.gguf", args.kind))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
@@ -21,7 +22,6 @@ from nblib.training import checkpoint
 log = logging.getLogger(__name__)
 
 FINAL_MODEL = "final_model"
-GGUF = "model.gguf"  # inside final_model/, so the export is one unit
 LEGACY_GGUF = "final_model.gguf"  # beside it, where earlier versions wrote it (removed at export)
 
 
@@ -36,16 +36,19 @@ def load_best_weights(model: PreTrainedModel, run_dir: Path) -> bool:
 
 def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_dir: Path,
                 sampling: SamplingConfig | None = None, lora_export: str = "merged",
-                export_dtype: str = "float32", export_gguf: bool = False,
-                extra: Callable[[Path], None] | None = None) -> Path:
+                export_dtype: str = "float32", export_gguf: bool = False, gguf_type: str = "",
+                held_out: np.ndarray | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write model (safetensors), config, generation config and tokenizer to `run_dir/final_model`.
 
     The generation config carries `sampling`'s settings, so `pipeline("text-generation")` samples
     as the notebook did. A LoRA model is exported merged into a plain GPT2LMHeadModel, or as the
     adapter alone (`lora_export="adapter"`, loaded with peft's AutoPeftModelForCausalLM). The
     weights are saved in `export_dtype` ("float32", "float16" or "bfloat16"; an adapter stays as
-    trained), `model` itself untouched. With `export_gguf`, `model.gguf` is written in it, in the
-    same dtype, for llama.cpp; `extra(directory)` adds what else belongs (the model card). The
+    trained), `model` itself untouched. With `export_gguf`, `model.gguf` is written in it for
+    llama.cpp, in `gguf_type` ("q8_0", "q4_0") or else the same dtype; with `held_out` token
+    blocks and llama-cpp-python installed, llama.cpp's perplexity, size and speed of each GGUF
+    type are measured into `gguf_types.json`. `extra(directory)` adds what else belongs (the model
+    card). The
     directory is filled aside and swapped in whole: an export is complete, or the previous one
     (a kill mid-export keeps that), and what an export does not write is gone with the old one.
 
@@ -69,7 +72,11 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
         generation.save_pretrained(str(directory))
         save_portable_tokenizer(tokenizer, directory, model.config.n_positions)
         if export_gguf:
-            gguf_file.write(directory, directory / GGUF, export_dtype)
+            gguf_file.write(directory, directory / gguf_file.GGUF, gguf_type or export_dtype)
+            if held_out is not None and gguf_file.can_measure():
+                rows = gguf_file.compare(directory, held_out)
+                files.write_json(directory / gguf_file.TYPES_MEASURED,
+                                 {"exported": gguf_type or export_dtype, "rows": rows})
         if extra is not None:
             extra(directory)
 
@@ -94,11 +101,14 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def final_model_of_run(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: RunConfig) -> Path:
-    """The notebook's export: `final_model` with the run's settings and its model card."""
+def final_model_of_run(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: RunConfig,
+                       held_out: np.ndarray | None = None) -> Path:
+    """The notebook's export: `final_model` with the run's settings and its model card (`held_out`:
+    token blocks for llama.cpp's measure of the GGUF types, see `final_model`)."""
     chat = bool(getattr(tokenizer, "chat_template", None))
     return final_model(model, tokenizer, cfg.output_dir, cfg.sampling, cfg.lora_export, cfg.export_dtype,
-                       cfg.export_gguf, extra=lambda directory: publish.write_card(directory, cfg, chat))
+                       cfg.export_gguf, cfg.gguf_type, held_out,
+                       extra=lambda directory: publish.write_card(directory, cfg, chat))
 
 
 def save_portable_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path, n_positions: int) -> None:

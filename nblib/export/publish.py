@@ -3,11 +3,13 @@ of that folder to Kaggle Models (`upload_to`)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import shutil
 from pathlib import Path
 
-from nblib import files, history
+from nblib import console, files, history
+from nblib.export import gguf_file
 from nblib.setup.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -41,12 +43,13 @@ def write_card(model_dir: Path, cfg: RunConfig, chat: bool = False) -> Path:
     for name, copy in (("run_config.json", CONFIG_COPY), (CURVES, CURVES)):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, Path(model_dir) / copy)
-    text = _card(cfg, history.read(run_dir), chat, curves=(Path(model_dir) / CURVES).is_file(),
-                 gguf=cfg.export_gguf)
+    measured = Path(model_dir) / gguf_file.TYPES_MEASURED
+    gguf = json.loads(measured.read_text()) if measured.is_file() else {} if cfg.export_gguf else None
+    text = _card(cfg, history.read(run_dir), chat, curves=(Path(model_dir) / CURVES).is_file(), gguf=gguf)
     return files.atomic_write(Path(model_dir) / CARD, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def _card(cfg: RunConfig, records: list[history.Record], chat: bool, curves: bool, gguf: bool) -> str:
+def _card(cfg: RunConfig, records: list[history.Record], chat: bool, curves: bool, gguf: dict | None) -> str:
     m, d, t = cfg.model, cfg.data, cfg.train
     best, last = history.best(records), (records[-1] if records else None)
     start = f"`{m.init_from}`" if m.init_from != "scratch" else "random weights"
@@ -75,12 +78,28 @@ def _card(cfg: RunConfig, records: list[history.Record], chat: bool, curves: boo
                "print(generate(messages)[0][\"generated_text\"])"] if chat
               else [f"print(generate({(cfg.sampling.prompts or ('Once',))[0]!r})[0][\"generated_text\"])"])
     lines += ["```", ""]
-    if gguf:
-        lines += ["`model.gguf`, in this folder, runs in llama.cpp (`llama-cli -m model.gguf`).", ""]
+    if gguf is not None:
+        lines += _gguf_lines(cfg, gguf, chat)
     if curves:
         lines += ["## Training curves", "", f"![loss and validation perplexity]({CURVES})", ""]
     lines += [f"The full configuration is in `{CONFIG_COPY}`.", ""]
     return "\n".join(lines)
+
+
+def _gguf_lines(cfg: RunConfig, gguf: dict, chat: bool) -> list[str]:
+    """The GGUF file, and llama.cpp's own measure of each type where it was taken at export."""
+    kind = cfg.gguf_type or cfg.export_dtype
+    lines = [f"`{gguf_file.GGUF}` ({kind}), in this folder, runs in llama.cpp (`llama-cli -m {gguf_file.GGUF}`).", ""]
+    rows = gguf.get("rows")
+    if rows:
+        scored = "their answers' tokens, as the validation loss counts them" if chat else "every token"
+        lines += [f"llama.cpp's perplexity on {rows[0]['blocks']} held-out validation blocks ({scored}), each "
+                  "type written from this model:", "",
+                  "| GGUF type | file | perplexity | tokens/s (greedy, the export's machine) |", "|---|---|---|---|"]
+        lines += [f"| {r['type']}{' (this file)' if r['type'] == kind else ''} | {console.size(r['bytes'])} | "
+                  f"{r['perplexity']:.3f} | {r['tokens_per_second']:,.0f} |" for r in rows]
+        lines.append("")
+    return lines
 
 
 def upload(model_dir: Path, handle: str, notes: str = "") -> str:

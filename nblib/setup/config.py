@@ -57,8 +57,10 @@ def fraction(name: str, value) -> str | None:
 
 
 def one_of(*choices: str) -> Callable[[str, Any], str | None]:
+    allowed = ", ".join(choice or '""' for choice in choices)
+
     def check(name: str, value) -> str | None:
-        return f"{name}={value!r}: must be one of {', '.join(choices)}" if value not in choices else None
+        return f"{name}={value!r}: must be one of {allowed}" if value not in choices else None
     check.choices = choices
     return check
 
@@ -235,6 +237,9 @@ class RunConfig:
                               resume=FREE, group="Export", check=one_of("float32", "float16", "bfloat16"))
     export_gguf: bool = param(False, help="also write final_model/model.gguf for llama.cpp / Ollama (needs: pip "
                                           "install gguf)", resume=FREE, group="Export")
+    gguf_type: str = param("", help='the GGUF\'s matrices: "" as export_dtype; "q8_0" or "q4_0" quantized (the gguf '
+                                    "package's quantizers; it writes no k-quants such as q4_k_m)", resume=FREE,
+                           group="Export", check=one_of("", "q8_0", "q4_0"))
     upload_to: str = param("", help='a Kaggle Models handle owner/model/framework/variation: final_model/ is '
                                     'uploaded at the end; "": no upload', resume=FREE, group="Export")
     resume_from_checkpoint: str = param("auto", help='"auto": the newest checkpoint found; "": a fresh run; or a '
@@ -276,6 +281,8 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append(f"n_embd={m.n_embd!r}: must be divisible by n_head={m.n_head}")
     if t.max_length > m.n_positions:
         problems.append(f"max_length={t.max_length!r}: must be <= n_positions={m.n_positions}")
+    if cfg.gguf_type and not cfg.export_gguf:
+        problems.append(f"gguf_type={cfg.gguf_type!r}: set export_gguf=True too, or gguf_type=''")
     if t.fit_to_budget and not t.time_budget_minutes:
         problems.append("fit_to_budget=True needs a time budget: set time_budget_minutes (e.g. 600 on Kaggle)")
     if cfg.devices != "auto" and (isinstance(cfg.devices, str) or cfg.devices < 1):
