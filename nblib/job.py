@@ -10,7 +10,7 @@ name=` gives the empty string, `--set name=null` the preset's value).
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -25,8 +25,6 @@ from nblib.setup import params
 from nblib.training import launch
 from nblib.training.result import RunResult
 
-log = logging.getLogger(__name__)
-
 
 class _Loader(yaml.SafeLoader):
     """YAML as papermill's -p reads numbers: `3e-4` is a float (YAML 1.1 wants `3.0e-4`)."""
@@ -40,24 +38,18 @@ _Loader.add_implicit_resolver(
 def run(values: Mapping[str, Any]) -> RunResult | None:
     """Every cell of the notebook, as Run All does: setup, data, model, train, the test split,
     the curves, the export (with `export_gguf`, the GGUF), HellaSwag, samples, the upload and the
-    summary. Under torchrun each process trains its share and rank 0 writes; the cells after
-    training are the notebook's, not the job's, there (a warning says which are skipped). None
-    after a dry run."""
-    if launch.under_torchrun():  # torchrun started this process, and the others
-        cfg = params.resolve(values)
-        skipped = [name for name in ("export_gguf", "upload_to", "eval_hellaswag") if getattr(cfg, name)]
-        if skipped and int(os.environ["RANK"]) == 0:
-            log.warning("under torchrun the job trains and checkpoints only: %s not done; run "
-                        "`python -m nblib.job` on the same parameters afterwards (it resumes the "
-                        "finished run and exports)", ", ".join(skipped))
-        result = launch.torchrun_worker(cfg)
-        if int(os.environ["RANK"]) == 0:  # rank 0 speaks for the run
-            print(result.describe(), flush=True)
+    summary. Under torchrun every process runs the cells through training, each its share, and
+    rank 0 alone prints and writes; rank 0 then runs the rest alone. None after a dry run."""
+    other_rank = launch.under_torchrun() and int(os.environ["RANK"]) > 0
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet) if other_rank else contextlib.nullcontext():
+        notebook = start(values)
+        corpus = notebook.data()
+        model = notebook.model(corpus)
+        result = notebook.train(model, corpus)
+    if other_rank:
+        if notebook.stopped is not None and notebook.stopped.refusal is not None:
+            raise notebook.stopped.refusal
         return result
-    notebook = start(values)
-    corpus = notebook.data()
-    model = notebook.model(corpus)
-    result = notebook.train(model, corpus)
     notebook.evaluate(model, corpus)
     notebook.curves()
     final_dir = notebook.export(model, corpus)

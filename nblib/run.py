@@ -117,7 +117,8 @@ class Run:
     def setup(self, values: Mapping[str, Any]) -> None:
         cfg = self.cfg = params.resolve(values)
         print(params.describe(cfg))
-        device = self.device = hardware.detect(cfg.train.precision, cfg.devices)
+        device = self.device = (launch.join_torchrun(cfg.train.precision) if launch.under_torchrun()
+                                else hardware.detect(cfg.train.precision, cfg.devices))
         print(device.describe(), collectives.describe(device, cfg.train), sep="\n")
         warning = hardware.cpu_check(cfg, device)
         if warning:
@@ -127,7 +128,7 @@ class Run:
         if problem:
             raise console.ConfigError(problem)
         state.seed_everything(cfg.train.seed)
-        if not cfg.dry_run:
+        if not cfg.dry_run and device.is_main:
             lock.hold(cfg.output_dir)  # until the summary cell: a second run here stops, naming this one
         print(contract.preview(cfg, device.world_size))
         if cfg.dry_run:
@@ -141,7 +142,7 @@ class Run:
 
     @stage("data")
     def data(self) -> Corpus:
-        corpus = cache.prepare(self.cfg)
+        corpus = launch.prepare(self.cfg)
         corpus.made_for = self._data_identity()
         print(corpus.describe())
         return corpus

@@ -43,6 +43,10 @@ def test_torchrun_trains_and_resumes_in_the_notebook_and_back(tmp_path, wikitext
     output = finished(torchrun("--nproc_per_node=2", cwd=tmp_path))
     assert output.count("completed at step 8 of 8") == 1  # rank 0 alone reports
     assert saved_world_size(run, 8) == 2
+    # ... and then runs the notebook's later cells alone, as the notebook does after its workers
+    assert output.count("exported ") == 1 and output.count("the run went through every cell") == 1
+    assert "test_loss" in json.loads((run / "training_history.json").read_text())[-1]
+    assert (run / "final_model" / "model.safetensors").is_file() and not (run / ".nblib.lock.json").exists()
 
     values = write_params(tmp_path, wikitext_file, tokenizer_dir, max_steps=12)
     text = outputs_text(execute(tmp_path, **values))

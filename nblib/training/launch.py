@@ -6,8 +6,9 @@ forwards an interrupt to the workers, and raises a worker's exception with its t
 fails (the others are terminated, so nothing hangs). Only rank 0 writes files; when the workers
 are done the parent loads the run's last checkpoint into the notebook's `model`, on the
 notebook's device, so `model` and `result` look as they do after a one-process run. Under
-torchrun (one or more machines) the processes exist already: each joins torchrun's process group
-and trains its share (`torchrun_worker`). The training loop itself never spawns.
+torchrun (one or more machines) the processes exist already: each runs the notebook's cells
+(`nblib.job`), joins torchrun's process group in the setup cell (`join_torchrun`) and trains its
+share; rank 0 then goes on alone. The training loop itself never spawns.
 """
 from __future__ import annotations
 
@@ -28,12 +29,11 @@ import torch.multiprocessing as mp
 
 from nblib.data import cache
 from nblib.data.cache import Corpus
-from nblib.model import gpt2
 from nblib.monitoring import plots, progress
 from nblib.setup import hardware, lock
 from nblib.setup.config import RunConfig
 from nblib.setup.hardware import Device
-from nblib.training import checkpoint, collectives, contract, loop, state, stopping
+from nblib.training import checkpoint, collectives, loop, state, stopping
 
 
 def fit(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) -> loop.RunResult:
@@ -44,6 +44,8 @@ def fit(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
         lock.RunDirectoryBusy: another process is running in `output_dir`.
         torch.multiprocessing.ProcessRaisedException: a worker failed (its traceback included).
     """
+    if under_torchrun():
+        return _torchrun_share(cfg, device, model, corpus)
     lock.hold(cfg.output_dir)  # the notebook took it in the setup cell; workers run under it
     if device.world_size == 1:
         return loop.run(cfg, device, model, corpus)
@@ -202,39 +204,46 @@ def under_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
 
-def torchrun_worker(cfg: RunConfig) -> loop.RunResult:
-    """This process's share of a run under torchrun: join its process group (NCCL on GPUs, gloo
-    on CPUs), prepare the data (in turn, see `_prepared_in_turn`), build the model and train.
-    Global rank 0 alone holds `output_dir` and writes; for several machines `output_dir` must be
-    on a disk they share, as checkpoints are read by all."""
+def join_torchrun(precision: str) -> Device:
+    """This process as one of torchrun's: its rank, its GPU (or a share of the CPU's threads), and
+    torchrun's process group joined: NCCL when each machine's processes have a GPU each (the local
+    count decides, not the world's), gloo otherwise. Ranks other than 0 log errors only: rank 0
+    speaks for the run. For several machines `output_dir` must be on a disk they share, as
+    checkpoints are read by all."""
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    device = hardware.detect(cfg.train.precision, 1)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    device = hardware.detect(precision, 1)
     if device.is_cuda:
         torch.cuda.set_device(local_rank)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
     device = dataclasses.replace(device, world_size=world_size, rank=rank,
                                  device=torch.device("cuda", local_rank) if device.is_cuda else device.device)
     if rank:
-        logging.getLogger().setLevel(logging.ERROR)  # rank 0 speaks for the run
-    local = dataclasses.replace(device, world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    # NCCL when each machine's processes have a GPU each: the local count decides, not the world's.
+        logging.getLogger().setLevel(logging.ERROR)
+    local = dataclasses.replace(device, world_size=local_world_size)
     dist.init_process_group(collectives.backend(local), timeout=datetime.timedelta(minutes=30))
+    return device
+
+
+def prepare(cfg: RunConfig) -> Corpus:
+    """The Data cell's corpus; under torchrun tokenized once, in turn (`_prepared_in_turn`)."""
+    if under_torchrun() and dist.is_initialized():
+        return _prepared_in_turn(cfg, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]))
+    return cache.prepare(cfg)
+
+
+def _torchrun_share(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) -> loop.RunResult:
+    """This process's share of a run under torchrun. Every rank starts from rank 0's weights (the
+    state broadcasts them) with dropout masks of its own; the process group is left once rank 0's
+    last checkpoint is written, and rank 0 goes on alone through the notebook's later cells."""
+    state.seed_everything(cfg.train.seed, device.rank)
     try:
-        if rank == 0:
-            lock.hold(cfg.output_dir)
-            logging.getLogger(__name__).info(contract.preview(cfg, world_size))
-        corpus = _prepared_in_turn(cfg, rank, local_rank)
-        state.seed_everything(cfg.train.seed)  # the same initial weights on every rank
-        model = gpt2.build(cfg.model, corpus.tokenizer)
-        state.seed_everything(cfg.train.seed, rank)  # dropout masks of their own
         result = loop.run(cfg, device, model, corpus)
-        dist.barrier()  # rank 0's last checkpoint is written before any rank leaves
-        return result
+        dist.barrier()
     finally:
-        if rank == 0:
-            lock.release(cfg.output_dir)
         dist.destroy_process_group()
+    return result
 
 
 def _prepared_in_turn(cfg: RunConfig, rank: int, local_rank: int) -> Corpus:
