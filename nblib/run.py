@@ -41,7 +41,7 @@ from nblib import console, history
 from nblib.data import cache
 from nblib.data.cache import Corpus
 from nblib.evaluation import hellaswag, validation
-from nblib.export import generate, huggingface, publish
+from nblib.export import generate, gguf_file, huggingface, publish
 from nblib.model import gpt2
 from nblib.monitoring import plots
 from nblib.setup import hardware, lock, params
@@ -192,7 +192,9 @@ class Run:
     def export(self, model: torch.nn.Module, corpus: Corpus):
         held_out = np.asarray(corpus.blocks("validation")[:GGUF_BLOCKS])  # llama.cpp's measure of the GGUF types
         path = huggingface.final_model_of_run(model, corpus.tokenizer, self.cfg, held_out)
-        print(f"exported {path}")
+        gguf = path / gguf_file.GGUF
+        print(f"exported {path}" + (f", with {gguf_file.GGUF} ({self.cfg.gguf_type or self.cfg.export_dtype}, "
+                                    f"{console.size(gguf.stat().st_size)})" if gguf.is_file() else ""))
         return path
 
     @stage("hellaswag")

@@ -177,7 +177,9 @@ def test_the_notebook_exports_a_quantized_gguf_measured_against_float16(tmp_path
     assert tensor_types(model / "model.gguf")["blk.0.attn_qkv.weight"] == "Q4_0"  # the export replaced whole
     assert "| q4_0 (this file) |" in (model / "README.md").read_text()
     text = outputs_text(nb)
-    assert text.count("wrote ") == 1 and "Writing the following files" not in text  # the scratch files are quiet
+    assert "wrote " not in text and "Writing the following files" not in text
+    assert "Loading weights" not in json.dumps([cell.get("outputs", []) for cell in nb.cells])  # no bar either
+    assert "final_model, with model.gguf (q4_0, " in text
     assert "llama.cpp's perplexity on 8 held-out blocks: float16 " in text
 
 

@@ -72,11 +72,12 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
         generation.save_pretrained(str(directory))
         save_portable_tokenizer(tokenizer, directory, model.config.n_positions)
         if export_gguf:
-            gguf_file.write(directory, directory / gguf_file.GGUF, gguf_type or export_dtype)
-            if held_out is not None and gguf_file.can_measure():
-                rows = gguf_file.compare(directory, held_out)
-                files.write_json(directory / gguf_file.TYPES_MEASURED,
-                                 {"exported": gguf_type or export_dtype, "rows": rows})
+            with _quiet_transformers():  # the GGUF writer reads the model back: no "Loading weights" bar
+                gguf_file.write(directory, directory / gguf_file.GGUF, gguf_type or export_dtype, announce=False)
+                if held_out is not None and gguf_file.can_measure():
+                    rows = gguf_file.compare(directory, held_out)
+                    files.write_json(directory / gguf_file.TYPES_MEASURED,
+                                     {"exported": gguf_type or export_dtype, "rows": rows})
         if extra is not None:
             extra(directory)
 
@@ -89,7 +90,8 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """transformers' own progress bars ("Writing model shards") off for a small model's save."""
+    """transformers' own progress bars ("Writing model shards", "Loading weights") off for a small
+    model's save and read."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
