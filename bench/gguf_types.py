@@ -35,8 +35,9 @@ def main() -> None:
     cfg = params.resolve({"preset": args.preset, "output_dir": str(args.run)})
     blocks = np.asarray(data.prepare(cfg).blocks("validation")[:args.blocks])
     rows = gguf_file.compare(args.run / "final_model", blocks, tuple(args.types.split(",")))
-    reference = validation.evaluate(GPT2LMHeadModel.from_pretrained(str(args.run / "final_model")), blocks,
-                                    hardware.detect("fp32", 1), 8)
+    device = hardware.detect("fp32", 1)
+    reference = validation.evaluate(GPT2LMHeadModel.from_pretrained(str(args.run / "final_model")).to(device.device),
+                                    blocks, device, 8)
     print(f"transformers, float32, on the same blocks: perplexity {math.exp(reference):.3f}")
     for row in rows:
         print(json.dumps(row))

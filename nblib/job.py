@@ -39,7 +39,8 @@ def run(values: Mapping[str, Any]) -> RunResult | None:
     """Every cell of the notebook, as Run All does: setup, data, model, train, the test split,
     the curves, the export (with `export_gguf`, the GGUF), HellaSwag, samples, the upload and the
     summary. Under torchrun every process runs the cells through training, each its share, and
-    rank 0 alone prints and writes; rank 0 then runs the rest alone. None after a dry run."""
+    rank 0 alone prints and writes; rank 0 then runs the rest alone while the others wait for it.
+    None after a dry run."""
     other_rank = launch.under_torchrun() and int(os.environ["RANK"]) > 0
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet) if other_rank else contextlib.nullcontext():
         notebook = start(values)
@@ -47,6 +48,7 @@ def run(values: Mapping[str, Any]) -> RunResult | None:
         model = notebook.model(corpus)
         result = notebook.train(model, corpus)
     if other_rank:
+        launch.leave_torchrun(trained=notebook.result is not None)
         if notebook.stopped is not None and notebook.stopped.refusal is not None:
             raise notebook.stopped.refusal
         return result
@@ -56,6 +58,7 @@ def run(values: Mapping[str, Any]) -> RunResult | None:
     notebook.hellaswag(model, corpus)
     notebook.generate(model, corpus)
     notebook.publish(final_dir)
+    launch.leave_torchrun(trained=notebook.result is not None)  # under torchrun: the others may go now
     notebook.summary()
     return result
 

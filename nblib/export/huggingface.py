@@ -74,8 +74,9 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
         if export_gguf:
             with _quiet_transformers():  # the GGUF writer reads the model back: no "Loading weights" bar
                 gguf_file.write(directory, directory / gguf_file.GGUF, gguf_type or export_dtype, announce=False)
-                if held_out is not None and gguf_file.can_measure():
-                    rows = gguf_file.compare(directory, held_out)
+                measurable = held_out is not None and gguf_file.can_measure()
+                rows = gguf_file.compare(directory, held_out) if measurable else []
+                if rows:
                     files.write_json(directory / gguf_file.TYPES_MEASURED,
                                      {"exported": gguf_type or export_dtype, "rows": rows})
         if extra is not None:

@@ -79,20 +79,21 @@ def _card(cfg: RunConfig, records: list[history.Record], chat: bool, curves: boo
               else [f"print(generate({(cfg.sampling.prompts or ('Once',))[0]!r})[0][\"generated_text\"])"])
     lines += ["```", ""]
     if gguf is not None:
-        lines += _gguf_lines(cfg, gguf, chat)
+        lines += _gguf_lines(cfg, gguf)
     if curves:
         lines += ["## Training curves", "", f"![loss and validation perplexity]({CURVES})", ""]
     lines += [f"The full configuration is in `{CONFIG_COPY}`.", ""]
     return "\n".join(lines)
 
 
-def _gguf_lines(cfg: RunConfig, gguf: dict, chat: bool) -> list[str]:
+def _gguf_lines(cfg: RunConfig, gguf: dict) -> list[str]:
     """The GGUF file, and llama.cpp's own measure of each type where it was taken at export."""
     kind = cfg.gguf_type or cfg.export_dtype
     lines = [f"`{gguf_file.GGUF}` ({kind}), in this folder, runs in llama.cpp (`llama-cli -m {gguf_file.GGUF}`).", ""]
     rows = gguf.get("rows")
     if rows:
-        scored = "their answers' tokens, as the validation loss counts them" if chat else "every token"
+        scored = ("their answers' tokens, as the validation loss counts them" if rows[0].get("scored") == "answers"
+                  else "every token")
         lines += [f"llama.cpp's perplexity on {rows[0]['blocks']} held-out validation blocks ({scored}), each "
                   "type written from this model:", "",
                   "| GGUF type | file | perplexity | tokens/s (greedy, the export's machine) |", "|---|---|---|---|"]

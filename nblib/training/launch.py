@@ -223,7 +223,28 @@ def join_torchrun(precision: str) -> Device:
         logging.getLogger().setLevel(logging.ERROR)
     local = dataclasses.replace(device, world_size=local_world_size)
     dist.init_process_group(collectives.backend(local), timeout=datetime.timedelta(minutes=30))
+    global _after_training
+    _after_training = dist.new_group(backend="gloo", timeout=AFTER_TRAINING_TIMEOUT)
     return device
+
+
+AFTER_TRAINING_TIMEOUT = datetime.timedelta(hours=24)  # how long the other ranks wait for rank 0's later cells
+_after_training = None  # the gloo group they wait in (`leave_torchrun`), made with the process group
+
+
+def leave_torchrun(trained: bool) -> None:
+    """The end of this process's part in a torchrun job. After training (`trained`), every rank
+    waits here until rank 0 has run the notebook's later cells too: torchrun stops a machine whose
+    processes have all ended, and with it, possibly, the rendezvous that rank 0's machine still
+    needs. Then the process group is left. A rank that did not train (a refusal, a dry run) leaves
+    at once; where another rank did train, torchrun ends them all when this one exits."""
+    if not dist.is_initialized():
+        return
+    try:
+        if trained:
+            dist.barrier(group=_after_training)
+    finally:
+        dist.destroy_process_group()
 
 
 def prepare(cfg: RunConfig) -> Corpus:
@@ -235,15 +256,10 @@ def prepare(cfg: RunConfig) -> Corpus:
 
 def _torchrun_share(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) -> loop.RunResult:
     """This process's share of a run under torchrun. Every rank starts from rank 0's weights (the
-    state broadcasts them) with dropout masks of its own; the process group is left once rank 0's
-    last checkpoint is written, and rank 0 goes on alone through the notebook's later cells."""
+    state broadcasts them) with dropout masks of its own; afterwards rank 0 goes on alone through
+    the notebook's later cells while the others wait (`leave_torchrun`)."""
     state.seed_everything(cfg.train.seed, device.rank)
-    try:
-        result = loop.run(cfg, device, model, corpus)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    return result
+    return loop.run(cfg, device, model, corpus)
 
 
 def _prepared_in_turn(cfg: RunConfig, rank: int, local_rank: int) -> Corpus:
