@@ -202,3 +202,20 @@ def test_a_chat_fine_tune_in_q8_0_and_q4_0_answers_in_its_templates_format(tmp_p
                                                temperature=0.0, max_tokens=40)["choices"][0]
         assert reply["finish_reason"] == "stop", path.name  # it ended on <|endoftext|>, as the template's turns do
         assert re.fullmatch(r" Sure\. The \w+ is \w+\.", reply["message"]["content"]), (path.name, reply)
+
+
+@needs("gguf")
+def test_a_failed_measure_is_a_warning_and_the_export_goes_on(tmp_path, pretrained_dir, caplog, monkeypatch):
+    from nblib.export import huggingface
+
+    def broken(path, blocks):
+        raise RuntimeError("llama_decode returned -1")
+
+    monkeypatch.setattr(gguf_file, "can_measure", lambda: True)
+    monkeypatch.setattr(gguf_file, "measure", broken)
+    model = GPT2LMHeadModel.from_pretrained(str(pretrained_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(pretrained_dir))
+    out = huggingface.final_model(model, tokenizer, tmp_path, export_gguf=True, gguf_type="q8_0",
+                                  held_out=np.zeros((2, 9), dtype=np.int64))
+    assert (out / "model.gguf").is_file() and not (out / gguf_file.TYPES_MEASURED).exists()
+    assert "llama.cpp's measure of the GGUF types was skipped: RuntimeError: llama_decode returned -1" in caplog.text

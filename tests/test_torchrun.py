@@ -71,3 +71,32 @@ def test_two_nodes_meet_through_a_c10d_rendezvous(tmp_path, wikitext_file, token
     outputs = finished(first) + finished(second)
     assert outputs.count("completed at step 8 of 8") == 1
     assert saved_world_size(tmp_path / "run", 8) == 2
+
+
+def _rank_leaving(rank: int, port: int, scratch: str) -> None:
+    """One of two torchrun-like processes: rank 0 finishes its later cells (a file) after a pause;
+    rank 1 notes whether that file was there when it was let go."""
+    import os
+    import time
+    from pathlib import Path
+
+    from nblib.training import launch
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    launch.join_torchrun("fp32")
+    if rank == 0:
+        time.sleep(2)  # the test split, the export ...
+        (Path(scratch) / "exported").touch()
+    launch.leave_torchrun(trained=True)
+    if rank == 1:
+        (Path(scratch) / "rank 1 saw").write_text(str((Path(scratch) / "exported").exists()))
+
+
+def test_the_other_ranks_leave_only_after_rank_0s_later_cells(tmp_path):
+    import torch.multiprocessing as mp
+
+    from nblib.training import launch
+
+    mp.start_processes(_rank_leaving, args=(launch._free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    assert (tmp_path / "rank 1 saw").read_text() == "True"
