@@ -55,10 +55,11 @@ def of(cells, marker: str):
     return next(c for c in cells if marker in c.source)
 
 
-def interrupt_after_first_evaluation(run_dir: Path):
+def interrupt_once(run_dir: Path, pattern: str):
+    """Kernel -> Interrupt as soon as training has written a file matching `pattern` in `run_dir`."""
     def press(client):
         deadline = time.time() + 300
-        while not (run_dir / "training_history.json").exists() and time.time() < deadline:
+        while not any(run_dir.glob(pattern)) and time.time() < deadline:
             time.sleep(0.2)
         interrupt(client)
     return press
@@ -71,7 +72,7 @@ def interrupt(client) -> None:
 
 def test_the_interrupt_button_ends_quietly_and_the_summary_says_where(tmp_path):
     run = tmp_path / "run"
-    cells = live(tmp_path, on_train=interrupt_after_first_evaluation(run), preset="smoke",
+    cells = live(tmp_path, on_train=interrupt_once(run, "training_history.json"), preset="smoke",
                  output_dir=str(run), max_steps=100_000, save_steps=100_000)
     assert not [c.source for c in cells if errors(c)]  # a normal stop, not a red box
     train = cell_text(of(cells, "run.train("))
@@ -85,12 +86,9 @@ def test_the_interrupt_button_ends_quietly_and_the_summary_says_where(tmp_path):
 
 
 def test_an_interrupt_before_the_first_evaluation_shows_no_loss_it_did_not_measure(tmp_path):
-    def press_at_once(client):
-        time.sleep(8)  # into the first steps; the first evaluation is at step 1,000
-        interrupt(client)
-
-    cells = live(tmp_path, on_train=press_at_once, preset="smoke", output_dir=str(tmp_path / "run"),
-                 max_steps=100_000, eval_steps=1000, save_steps=100_000)
+    run = tmp_path / "run"  # pressed once step 5's checkpoint is saved; the first evaluation is at step 1,000
+    cells = live(tmp_path, on_train=interrupt_once(run, "checkpoints/*_step5.pt"), preset="smoke",
+                 output_dir=str(run), max_steps=100_000, eval_steps=1000, save_steps=5)
     train = cell_text(of(cells, "run.train("))
     assert "interrupted by SIGINT" in train and "no evaluation yet" in train
     assert not ABSURD.search(train.split("peak memory")[0]) and not [c for c in cells if errors(c)]
