@@ -41,7 +41,7 @@ print(time.perf_counter() - started, count)
 FIRST_STEP = """
 import time
 started = time.perf_counter()
-from nblib.setup import config
+from nblib.setup import params
 from nblib import data
 from nblib.setup import hardware
 from nblib import model

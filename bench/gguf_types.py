@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 from transformers import GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nblib import console, data  # noqa: E402
+from nblib import console, data, history  # noqa: E402
 from nblib.evaluation import validation  # noqa: E402
 from nblib.export import gguf_file  # noqa: E402
 from nblib.setup import hardware, params  # noqa: E402
@@ -38,7 +37,7 @@ def main() -> None:
     device = hardware.detect("fp32", 1)
     reference = validation.evaluate(GPT2LMHeadModel.from_pretrained(str(args.run / "final_model")).to(device.device),
                                     blocks, device, 8)
-    print(f"transformers, float32, on the same blocks: perplexity {math.exp(reference):.3f}")
+    print(f"transformers, float32, on the same blocks: perplexity {history.perplexity(reference):.3f}")
     for row in rows:
         print(json.dumps(row))
     print("\n| GGUF type | file | perplexity | tokens/s |\n|---|---|---|---|")

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from nblib import (
     data,  # noqa: E402
+    history,  # noqa: E402
     model,  # noqa: E402
 )
 from nblib.evaluation import validation  # noqa: E402
@@ -82,7 +83,7 @@ def main() -> None:
 
     for row in rows:
         row.update(bench="quality", dataset=cfg.data.dataset,
-                   perplexity=round(validation.perplexity(row["val_loss"]), 2),
+                   perplexity=round(history.perplexity(row["val_loss"]), 2),
                    seconds=round(row["seconds"], 1), val_loss=round(row["val_loss"], 4))
         print(json.dumps(row))
     print(f"\n{'runner':8} {'precision':9} {'tokens':>10} {'seconds':>8} {'val loss':>9} {'perplexity':>10}")

@@ -77,6 +77,7 @@ def show_logs(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # the GGUF writer's own "Writing the following files"
 
 
 def size(nbytes: float) -> str:

@@ -191,9 +191,9 @@ class Run:
     @stage("export")
     def export(self, model: torch.nn.Module, corpus: Corpus):
         held_out = np.asarray(corpus.blocks("validation")[:GGUF_BLOCKS])  # llama.cpp's measure of the GGUF types
-        path = huggingface.final_model_of_run(model, corpus.tokenizer, self.cfg, held_out)
+        path = huggingface.final_model_of_run(model, corpus.tokenizer, self.cfg, corpus.is_chat, held_out)
         gguf = path / gguf_file.GGUF
-        print(f"exported {path}" + (f", with {gguf_file.GGUF} ({self.cfg.gguf_type or self.cfg.export_dtype}, "
+        print(f"exported {path}" + (f", with {gguf_file.GGUF} ({self.cfg.gguf_kind}, "
                                     f"{console.size(gguf.stat().st_size)})" if gguf.is_file() else ""))
         return path
 

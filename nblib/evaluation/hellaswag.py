@@ -96,10 +96,10 @@ def load_items(source: str, limit: int = 0) -> list[Item]:
         rows = datasets.load_dataset(HUB_DATASET, split="validation")
         items = (_item(row, f"{HUB_DATASET}, row {number}") for number, row in enumerate(rows, start=1))
     else:
-        problems = spec_problems(source)
-        if problems:
-            raise DataError(problems[0])
-        items = _local_items(Path(source).expanduser())
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise DataError(spec_problems(source)[0])
+        items = _local_items(path)  # each line checked as it is read
     chosen = list(itertools.islice(items, limit or None))
     if not chosen:
         raise DataError(f"eval_hellaswag={source!r}: no item to score; a score over nothing is no score")

@@ -16,17 +16,18 @@ import contextlib
 import importlib.util
 import json
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel
+import torch.nn.functional as F
+from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from nblib import files
 from nblib.console import size
+from nblib.history import perplexity
 from nblib.training.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,19 @@ def availability_problems(export_gguf: bool) -> list[str]:
     return []
 
 
-def write(model_dir: Path, out: Path, kind: str = "float32", announce: bool = True) -> Path:
+def write(model_dir: Path, out: Path, kind: str = "float32") -> Path:
     """Convert the Hugging Face GPT-2 in `model_dir` into the GGUF file `out` (written atomically),
-    its matrices in `kind` (FILE_TYPES); `announce`: log the file written (else only at DEBUG).
+    its matrices in `kind` (FILE_TYPES).
 
     Raises:
         ValueError: the directory holds no plain GPT-2 (a LoRA adapter alone), or its tokenizer
             is not a GPT-2-style byte-level BPE, which llama.cpp's "gpt2" vocabulary needs.
     """
-    import gguf
+    return _write(_read(model_dir), out, kind)
 
+
+def _read(model_dir: Path) -> tuple[Path, GPT2LMHeadModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer a GGUF is written from, checked (see `write`)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"export_gguf: {model_dir} holds no full model (a LoRA adapter alone?); "
@@ -65,6 +69,13 @@ def write(model_dir: Path, out: Path, kind: str = "float32", announce: bool = Tr
     model = GPT2LMHeadModel.from_pretrained(str(model_dir)).float()  # a 16-bit export read back in full
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     _check_byte_level(tokenizer, model_dir)
+    return model_dir, model, tokenizer
+
+
+def _write(source: tuple[Path, GPT2LMHeadModel, PreTrainedTokenizerBase], out: Path, kind: str) -> Path:
+    import gguf
+
+    model_dir, model, tokenizer = source
     c = model.config
 
     def fill(path: Path) -> None:
@@ -86,13 +97,8 @@ def write(model_dir: Path, out: Path, kind: str = "float32", announce: bool = Tr
         writer.write_tensors_to_file()
         writer.close()
 
-    chatty = logging.getLogger("gguf")  # the writer's own INFO lines ("Writing the following files: ...")
-    level, chatty.level = chatty.level, max(chatty.level, logging.WARNING)
-    try:
-        files.atomic_write(Path(out), fill)
-    finally:
-        chatty.setLevel(level)
-    log.log(logging.INFO if announce else logging.DEBUG, "wrote %s (%s)", out, kind)
+    files.atomic_write(Path(out), fill)
+    log.debug("wrote %s (%s)", out, kind)
     return Path(out)
 
 
@@ -158,10 +164,8 @@ def measure(path: Path, blocks: np.ndarray, generated: int = 128) -> dict:
             llm.reset()
             llm.eval(block[:-1].tolist())
             scored = np.flatnonzero(label[1:] != IGNORE_INDEX)
-            logits = np.asarray(llm.scores[:context])[scored].astype(np.float64)  # (scored, vocab) only
-            top = logits.max(-1)
-            log_total = top + np.log(np.exp(logits - top[:, None]).sum(-1))
-            loss += float((log_total - logits[np.arange(len(scored)), label[1:][scored]]).sum())
+            logits = torch.from_numpy(np.asarray(llm.scores[:context])[scored].astype(np.float64))  # scored rows only
+            loss += F.cross_entropy(logits, torch.from_numpy(label[1:][scored]).long(), reduction="sum").item()
             counted += len(scored)
         if counted == 0:
             raise ValueError("no target of these blocks carries loss (conversations whose answers fall outside them)")
@@ -173,21 +177,39 @@ def measure(path: Path, blocks: np.ndarray, generated: int = 128) -> dict:
             if produced >= wanted:
                 break
         seconds = time.perf_counter() - started
-    return {"perplexity": math.exp(loss / counted), "bytes": Path(path).stat().st_size,
+    return {"perplexity": perplexity(loss / counted), "bytes": Path(path).stat().st_size,
             "tokens_per_second": produced / seconds, "blocks": len(blocks),
             "scored": "answers" if blocks.ndim == 3 else "every token"}
 
 
-def compare(model_dir: Path, blocks: np.ndarray, kinds: tuple[str, ...] = ("float16", "q8_0", "q4_0")) -> list[dict]:
-    """Each kind written aside and read back by llama.cpp (`measure`): one row per kind; none, with
-    a warning, where llama.cpp could not measure (the measure is optional, the export is not)."""
-    rows = []
+def write_into(model_dir: Path, kind: str, held_out: np.ndarray | None = None) -> Path:
+    """The export's GGUF: `model_dir/model.gguf` in `kind`. With `held_out` blocks and
+    llama-cpp-python installed, llama.cpp's measure of each type (`compare`) goes into
+    `model_dir/gguf_types.json`. The model is read from `model_dir` once for all of it."""
+    source = _read(model_dir)
+    path = _write(source, Path(model_dir) / GGUF, kind)
+    rows = compare(model_dir, held_out, written={kind: path}, source=source) if (
+        held_out is not None and can_measure()) else []
+    if rows:
+        files.write_json(Path(model_dir) / TYPES_MEASURED, {"exported": kind, "rows": rows})
+    return path
+
+
+def compare(model_dir: Path, blocks: np.ndarray, kinds: tuple[str, ...] = ("float16", "q8_0", "q4_0"),
+            written: dict[str, Path] | None = None, source=None) -> list[dict]:
+    """Each kind read by llama.cpp (`measure`): the file `written` holds for it, or one written
+    aside from `model_dir` (read once, unless `source` is what `_read` gave). One row per kind;
+    none, with a warning, where llama.cpp could not measure (the measure is optional, the export
+    is not)."""
+    rows, written = [], written or {}
     try:
         with tempfile.TemporaryDirectory(prefix="nblib-gguf-") as scratch:
             for kind in kinds:
-                path = write(model_dir, Path(scratch) / f"{kind}.gguf", kind, announce=False)
+                path = written.get(kind)
+                if path is None:
+                    source = source or _read(model_dir)
+                    path = _write(source, Path(scratch) / f"{kind}.gguf", kind)
                 rows.append({"type": kind, **measure(path, blocks)})
-                path.unlink()
     except Exception as error:  # noqa: BLE001 (llama-cpp-python's failures have no common type)
         log.warning("llama.cpp's measure of the GGUF types was skipped: %s: %s", type(error).__name__, error)
         return []

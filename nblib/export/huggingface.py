@@ -73,12 +73,7 @@ def final_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, run_
         save_portable_tokenizer(tokenizer, directory, model.config.n_positions)
         if export_gguf:
             with _quiet_transformers():  # the GGUF writer reads the model back: no "Loading weights" bar
-                gguf_file.write(directory, directory / gguf_file.GGUF, gguf_type or export_dtype, announce=False)
-                measurable = held_out is not None and gguf_file.can_measure()
-                rows = gguf_file.compare(directory, held_out) if measurable else []
-                if rows:
-                    files.write_json(directory / gguf_file.TYPES_MEASURED,
-                                     {"exported": gguf_type or export_dtype, "rows": rows})
+                gguf_file.write_into(directory, gguf_type or export_dtype, held_out)
         if extra is not None:
             extra(directory)
 
@@ -105,12 +100,12 @@ def _quiet_transformers():
 
 
 def final_model_of_run(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, cfg: RunConfig,
-                       held_out: np.ndarray | None = None) -> Path:
-    """The notebook's export: `final_model` with the run's settings and its model card (`held_out`:
-    token blocks for llama.cpp's measure of the GGUF types, see `final_model`)."""
-    chat = bool(getattr(tokenizer, "chat_template", None))
+                       chat: bool = False, held_out: np.ndarray | None = None) -> Path:
+    """The notebook's export: `final_model` with the run's settings and its model card (`chat`: the
+    run trained on conversations; `held_out`: token blocks for llama.cpp's measure of the GGUF
+    types, see `final_model`)."""
     return final_model(model, tokenizer, cfg.output_dir, cfg.sampling, cfg.lora_export, cfg.export_dtype,
-                       cfg.export_gguf, cfg.gguf_type, held_out,
+                       cfg.export_gguf, cfg.gguf_kind, held_out,
                        extra=lambda directory: publish.write_card(directory, cfg, chat))
 
 

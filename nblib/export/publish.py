@@ -88,7 +88,7 @@ def _card(cfg: RunConfig, records: list[history.Record], chat: bool, curves: boo
 
 def _gguf_lines(cfg: RunConfig, gguf: dict) -> list[str]:
     """The GGUF file, and llama.cpp's own measure of each type where it was taken at export."""
-    kind = cfg.gguf_type or cfg.export_dtype
+    kind = cfg.gguf_kind
     lines = [f"`{gguf_file.GGUF}` ({kind}), in this folder, runs in llama.cpp (`llama-cli -m {gguf_file.GGUF}`).", ""]
     rows = gguf.get("rows")
     if rows:

@@ -265,6 +265,11 @@ class RunConfig:
         """Plain JSON-able dict (stored in checkpoints and beside the run)."""
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
+    @property
+    def gguf_kind(self) -> str:
+        """The GGUF's matrices: `gguf_type`, or else `export_dtype`."""
+        return self.gguf_type or self.export_dtype
+
     def to_json(self) -> str:
         """The fully resolved config as JSON (`python -m nblib.job --show-config`)."""
         return json.dumps(self.to_dict(), indent=2)
