@@ -27,6 +27,8 @@ from nblib.console import DataError
 from nblib.setup.config import RunConfig
 from nblib.setup.hardware import Device
 
+VALIDATION_ITEMS = 10_042  # in the Hub's validation split (what eval_hellaswag="hub" scores)
+
 log = logging.getLogger(__name__)
 
 HUB = "hub"

@@ -14,6 +14,7 @@ import torch
 from nblib import files, history
 from nblib.console import ConfigError
 from nblib.data.cache import Corpus
+from nblib.evaluation import hellaswag
 from nblib.evaluation.validation import evaluate
 from nblib.export import generate
 from nblib.model.gpt2 import weights_are_finite
@@ -22,7 +23,7 @@ from nblib.setup.config import RunConfig
 from nblib.setup.hardware import Device, peak_memory
 from nblib.training import checkpoint, collectives, contract, oom, planning, stopping
 from nblib.training.optimization import StepStats, new_state, optimizer_step
-from nblib.training.result import RunResult, StopReason  # noqa: F401 (the notebook reads nblib.train.StopReason)
+from nblib.training.result import RunResult, StopReason  # noqa: F401 (launch reads loop.RunResult and loop.StopReason)
 from nblib.training.state import TrainState, capture_rng, global_batch_of
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     state = new_state(cfg, device, model, steps)
     if resumed:
         contract.resume(state, *resumed, cfg, device.world_size)
-    steps = state.planned_steps or steps  # a fitted run's plan, kept in its checkpoint
+    steps = state.schedule.total_steps  # this run's length (a fitted run's: the plan its checkpoint kept)
     if device.is_main:
         checkpoint.check_disk_budget(run_dir, model, t.max_checkpoints)
         files.write_json(run_dir / "run_config.json", config)
@@ -92,7 +93,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
     interrupt = stopping.InterruptFlag(escalate=not collectives.in_worker())
     reporter = report.open_reporter(cfg.report_to, run_dir, config) if device.is_main else report.Reporter()
     ctx = _Run(cfg, config, device, val_blocks, corpus.tokenizer, corpus.is_chat, reporter,
-               clock(), steps, budget, mfu.flops_per_token(cfg, model.config.vocab_size),
+               clock(), budget, mfu.flops_per_token(cfg, model.config.vocab_size),
                mfu.peak_flops(device)[0])
     first_step, first_tokens = state.step, state.tokens_seen
     window, reason, live, plan = progress.Window(), StopReason.COMPLETED, progress.Curves(), None
@@ -126,8 +127,7 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
                 log.info("session clock: %s", forecast.describe())
             if state.step == fit_at:
                 plan = _fit(state, ctx, corpus, cap=steps)
-                steps = bar.total = state.planned_steps
-                ctx = dataclasses.replace(ctx, total_steps=steps)
+                steps = bar.total = state.schedule.total_steps
             bar.update()
             reporter.scalars({"train/loss": stats.loss, "train/grad_norm": stats.grad_norm,
                               "train/learning_rate": state.schedule.lr(state.step)}, state.step)
@@ -137,9 +137,8 @@ def run(cfg: RunConfig, device: Device, model: torch.nn.Module, corpus: Corpus) 
                     if device.is_main:
                         live.update(state.history)
                 if plan and not plan.refitted and planning.drifted(plan, budget, t.eval_steps, t.save_steps):
-                    plan = dataclasses.replace(_fit(state, ctx, corpus, cap=max(steps, plan.cap)), refitted=True)
-                    steps = bar.total = state.planned_steps
-                    ctx = dataclasses.replace(ctx, total_steps=steps)
+                    plan = dataclasses.replace(_fit(state, ctx, corpus, cap=plan.cap), refitted=True)
+                    steps = bar.total = state.schedule.total_steps
             if state.step % t.save_steps == 0 or state.step == steps:
                 collectives.check_in_sync(state.model, state.step, device)
                 with budget.timing("save"):
@@ -167,7 +166,6 @@ class _Run:
     chat_format: bool  # the prompts go through the chat template
     reporter: report.Reporter
     started: float
-    total_steps: int
     budget: stopping.TimeBudget
     flops_per_token: float
     peak_flops: float  # of one device, in the run's precision (mfu.peak_flops)
@@ -226,9 +224,10 @@ def _evaluate_and_record(state: TrainState, ctx: _Run, window: progress.Window) 
         samples=(generate.samples(state.model, ctx.tokenizer, cfg.sampling, ctx.chat_format)
                  if ctx.device.is_main else []))
     state.history.append(record)
-    forecast = ctx.budget.forecast(state.step, ctx.total_steps, cfg.train.eval_steps, cfg.train.save_steps)
+    length = state.schedule.total_steps
+    forecast = ctx.budget.forecast(state.step, length, cfg.train.eval_steps, cfg.train.save_steps)
     log.info("step %d/%d: train loss %.4f, val loss %.4f (perplexity %.1f), lr %.2e, grad norm %.2f, "
-             "%.0f tokens/s, MFU %s, %.0f s; %s", state.step, ctx.total_steps, state.train_loss,
+             "%.0f tokens/s, MFU %s, %.0f s; %s", state.step, length, state.train_loss,
              state.val_loss, record.val_perplexity, record.learning_rate, record.grad_norm,
              record.tokens_per_second, mfu.shown(record.mfu), record.elapsed_seconds, forecast.describe())
     ctx.reporter.scalars(report.evaluation_scalars(record), state.step)
@@ -246,12 +245,12 @@ def _fit(state: TrainState, ctx: _Run, corpus: Corpus, cap: int) -> planning.Pla
     t, budget = ctx.cfg.train, ctx.budget
     eval_seconds = budget.eval_seconds or planning.estimated_eval_seconds(budget.step_seconds, t.eval_blocks,
                                                                           state.global_batch)
-    items = ctx.cfg.hellaswag_items or (10_042 if ctx.cfg.eval_hellaswag else 0)
+    items = ctx.cfg.hellaswag_items or (hellaswag.VALIDATION_ITEMS if ctx.cfg.eval_hellaswag else 0)
     after = planning.after_training_seconds(eval_seconds, budget.save_seconds, len(ctx.val_blocks),
                                             len(corpus.blocks("test")), items)
     plan = planning.fit(budget, state.step, cap, t.eval_steps, t.save_steps, after, eval_seconds)
     total = int(collectives.from_rank_0(plan.total_steps, ctx.device))
-    plan = dataclasses.replace(plan, total_steps=total, cap=cap)
+    plan = dataclasses.replace(plan, total_steps=total)
     state.planned_steps = state.schedule.total_steps = total
     state.schedule.apply(state.optimizer, state.step)
     state.events.append(plan.as_event())

@@ -52,14 +52,13 @@ def fit(budget: TimeBudget, step: int, cap: int, eval_steps: int, save_steps: in
     step (plus its share of evaluations, measured or `eval_seconds` before the first, and saves),
     after `after_training` seconds and the margin are kept back; at most `cap`, at least this step."""
     now = budget.clock()
-    per_step = (budget.step_seconds + (budget.eval_seconds or eval_seconds) / eval_steps
-                + budget.save_seconds / save_steps)
+    per_step = budget.seconds_per_step(eval_steps, save_steps, eval_seconds)
     total_seconds = budget.minutes * 60
     after = after_training + max(MARGIN_SECONDS, MARGIN_SHARE * total_seconds)
     left = total_seconds - (now - budget.started_at) - after
     steps = step + max(0, int(left / per_step)) if per_step > 0 else cap
     total = max(step, min(steps, cap))
-    return Plan(total, per_step, after, now + (total - step) * per_step, step)
+    return Plan(total, per_step, after, now + (total - step) * per_step, step, cap)
 
 
 def estimated_eval_seconds(step_seconds: float, eval_blocks: int, global_batch: int) -> float:
@@ -79,7 +78,7 @@ def after_training_seconds(eval_seconds: float, save_seconds: float, eval_blocks
 
 def drifted(plan: Plan, budget: TimeBudget, eval_steps: int, save_steps: int) -> bool:
     """Whether the cost per step measured now is off the plan's by more than DRIFT."""
-    per_step = budget.step_seconds + budget.eval_seconds / eval_steps + budget.save_seconds / save_steps
+    per_step = budget.seconds_per_step(eval_steps, save_steps)
     return abs(per_step / plan.step_seconds - 1) > DRIFT if plan.step_seconds else False
 
 

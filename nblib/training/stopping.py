@@ -129,9 +129,14 @@ class TimeBudget:
         elapsed = (self.clock() if now is None else now) - self.started_at
         return self.minutes * 60 - elapsed - self.reserve_seconds()
 
+    def seconds_per_step(self, eval_steps: int, save_steps: int, eval_seconds: float = 0.0) -> float:
+        """A step's measured time with its shares of an evaluation (`eval_seconds` until one is
+        timed) and of a save."""
+        return self.step_seconds + (self.eval_seconds or eval_seconds) / eval_steps + self.save_seconds / save_steps
+
     def forecast(self, step: int, total_steps: int, eval_steps: int, save_steps: int) -> Forecast:
         """Where the run will end, at the measured times of a step, an evaluation and a save."""
-        per_step = self.step_seconds + self.eval_seconds / eval_steps + self.save_seconds / save_steps
+        per_step = self.seconds_per_step(eval_steps, save_steps)
         now = self.clock()
         needed, left = (total_steps - step) * per_step, self.seconds_left(now)
         if needed <= left:
