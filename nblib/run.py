@@ -247,16 +247,16 @@ class Run:
 
     def _check_corpus(self, corpus: Corpus, cell: str) -> None:
         made_for = getattr(corpus, "made_for", None)
-        if made_for is not None and made_for != self._data_identity():
+        if made_for is not None and made_for != (now := self._data_identity()):
             raise console.ConfigError(
-                f"the corpus was prepared for another configuration ({_differences(made_for, self._data_identity())}): "
+                f"the corpus was prepared for another configuration ({_differences(made_for, now)}): "
                 f"run the Data cell again, then the Model cell and this {cell} cell")
 
     def _check_model(self, model: torch.nn.Module) -> None:
         made_for = getattr(model, "nblib_made_for", None)
-        if made_for is not None and made_for != self._model_identity():
+        if made_for is not None and made_for != (now := self._model_identity()):
             raise console.ConfigError(
-                f"the model was built for another configuration ({_differences(made_for, self._model_identity())}): "
+                f"the model was built for another configuration ({_differences(made_for, now)}): "
                 "run the Model cell again, then this Train cell")
         trained_in = getattr(model, "nblib_trained_in", None)
         if trained_in is not None and trained_in != str(self.cfg.output_dir):

@@ -21,6 +21,7 @@ from typing import Any
 from nblib.setup import paths
 
 PRESETS = ("kaggle-t4", "cpu-demo", "smoke")
+NEEDS_BUDGET = "fit_to_budget=True needs a time budget: set time_budget_minutes (e.g. 600 on Kaggle)"
 SCRATCH = "scratch"
 BUILTIN_DATASETS = ("builtin:python-docs",)
 GPT2_VOCAB_SIZE = 50257
@@ -61,7 +62,6 @@ def one_of(*choices: str) -> Callable[[str, Any], str | None]:
 
     def check(name: str, value) -> str | None:
         return f"{name}={value!r}: must be one of {allowed}" if value not in choices else None
-    check.choices = choices
     return check
 
 
@@ -289,7 +289,7 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.gguf_type and not cfg.export_gguf:
         problems.append(f"gguf_type={cfg.gguf_type!r}: set export_gguf=True too, or gguf_type=''")
     if t.fit_to_budget and not t.time_budget_minutes:
-        problems.append("fit_to_budget=True needs a time budget: set time_budget_minutes (e.g. 600 on Kaggle)")
+        problems.append(NEEDS_BUDGET)
     if cfg.devices != "auto" and (isinstance(cfg.devices, str) or cfg.devices < 1):
         problems.append(f"devices={cfg.devices!r}: must be 'auto' (every GPU) or a number of processes >= 1")
     return problems + _lora_problems(cfg)

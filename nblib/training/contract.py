@@ -23,12 +23,12 @@ from nblib.training.state import TrainState, global_batch_of
 
 log = logging.getLogger(__name__)
 
-DATA_PARAMETERS = ("dataset", "dataset_config", "text_column", "token_key", "data_format", "train_on",
-                   "instruction_column", "response_column", "tokenizer")
 RULES = parameters.RULES  # name -> (rule, why), declared with each parameter (config.param)
 
 SHAPE = ("max_length", "stride", "drop_remainder", "vocab_size", "n_positions", "n_embd", "n_layer",
          "n_head", "n_inner", "init_from", "lora_r", "lora_alpha", "lora_target_modules")
+DATA_PARAMETERS = tuple(name for name, (kind, _) in RULES.items() if kind == IDENTITY and name not in SHAPE)
+# ^ what the tokens are made from: the rest of a run's identity
 
 
 class RunMismatch(Refusal, ValueError):
@@ -120,7 +120,7 @@ def check(saved: dict[str, Any], cfg: RunConfig, world_size: int, corpus=None,
 def _changed_data_parameters(old: dict, new: dict) -> str:
     """'; changed: train_on 'responses' -> 'all'': the data parameters behind a change of tokens."""
     changed = [f"{name} {old[name]!r} -> {new[name]!r}" for name, (kind, _) in RULES.items()
-               if kind == IDENTITY and name in DATA_PARAMETERS and name in old and old[name] != new[name]]
+               if name in DATA_PARAMETERS and name in old and old[name] != new[name]]
     return f"; changed: {', '.join(changed)}" if changed else ""
 
 

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from nblib.setup.config import NEEDS_BUDGET
 from nblib.training.stopping import TimeBudget, duration
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def setup_problem(minutes: float, started_at: float, now: float) -> str | None:
     if minutes and left >= MIN_PLAN_SECONDS:
         return None
     if not minutes:
-        return "fit_to_budget=True needs a time budget: set time_budget_minutes (e.g. 600 on Kaggle)"
+        return NEEDS_BUDGET
     return (f"fit_to_budget=True: time_budget_minutes={minutes:g} leaves {duration(max(left, 0))} of this "
             f"session; a fitted run needs at least {duration(MIN_PLAN_SECONDS)} (its first steps are timed, then "
             f"it trains, evaluates and exports): raise time_budget_minutes to at least "
