@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 
 class Refusal(Exception):
@@ -78,6 +79,16 @@ def show_logs(level: int = logging.INFO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("gguf").setLevel(logging.WARNING)  # the GGUF writer's own "Writing the following files"
+
+
+def moment(seconds: float) -> str:
+    """A clock time (time.time()) as '2026-11-30 01:23:14', local."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def time_of_day(seconds: float) -> str:
+    """A clock time (time.time()) as '18:42', local."""
+    return time.strftime("%H:%M", time.localtime(seconds))
 
 
 def size(nbytes: float) -> str:

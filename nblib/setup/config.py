@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nblib.console import moment
 from nblib.setup import paths
 
 PRESETS = ("kaggle-t4", "cpu-demo", "smoke")
@@ -314,4 +314,4 @@ def _lora_problems(cfg: RunConfig) -> list[str]:
 
 def started(cfg: RunConfig) -> str:
     """When the session the time budget counts from began, readable."""
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cfg.started_at))
+    return moment(cfg.started_at)

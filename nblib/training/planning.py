@@ -11,9 +11,9 @@ is off the plan's by more than DRIFT, or when a resumed run is given another bud
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
+from nblib.console import time_of_day
 from nblib.setup.config import NEEDS_BUDGET
 from nblib.training.stopping import TimeBudget, duration
 
@@ -38,7 +38,7 @@ class Plan:
     refitted: bool = False  # made again once already: kept from now on
 
     def describe(self) -> str:
-        ends = time.strftime("%H:%M", time.localtime(self.ends_at))
+        ends = time_of_day(self.ends_at)
         return (f"schedule fitted: {self.total_steps:,} steps at {self.step_seconds:.2f} s/step, ends near {ends}, "
                 f"{duration(self.after_seconds)} kept for evaluation and export")
 

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nblib.console import Refusal
+from nblib.console import Refusal, moment, time_of_day
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class TimeBudget:
         """Raise before the first step when no step fits any more: a run that stopped at once
         would export untrained weights as if it had trained."""
         if self.exhausted():
-            began = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
+            began = moment(self.started_at)
             raise BudgetSpent(
                 f"the time budget (time_budget_minutes={self.minutes:g}) counted from this session's "
                 f"start at {began} (on Kaggle the container's, elsewhere the kernel's) is used up "
@@ -160,7 +160,7 @@ class Forecast:
     @property
     def end(self) -> str:
         """The projected end as the local time of day."""
-        return time.strftime("%H:%M", time.localtime(self.ends_at))
+        return time_of_day(self.ends_at)
 
     def describe(self) -> str:
         ends = self.end
