@@ -191,11 +191,11 @@ def _normalise(dsd: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDi
         if is_chat(split.column_names, cfg):
             out[canonical] = _conversations(split, cfg)
             continue
+        texts = [name for name, feature in split.features.items() if _is_text(feature)]
         if cfg.text_column not in split.column_names:
             raise DataError(f"text_column={cfg.text_column!r}: not a column of dataset="
-                            f"{cfg.dataset!r} (its columns: {split.column_names}){_pair_hint(split)}")
+                            f"{cfg.dataset!r} (its columns: {split.column_names}){_pair_hint(texts)}")
         if not _is_text(split.features[cfg.text_column]):
-            texts = [name for name, feature in split.features.items() if _is_text(feature)]
             raise DataError(f"text_column={cfg.text_column!r}: dataset={cfg.dataset!r} holds "
                              f"{_kind(split.features[cfg.text_column])} there, not text (its text "
                              f"columns: {texts or 'none'})")
@@ -206,9 +206,8 @@ def _normalise(dsd: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDi
     return datasets.DatasetDict(out)
 
 
-def _pair_hint(split: datasets.Dataset) -> str:
-    """For two or more text columns and no text column: how to read them as conversations."""
-    texts = [name for name, feature in split.features.items() if _is_text(feature)]
+def _pair_hint(texts: list[str]) -> str:
+    """For two or more text columns (`texts`) and no text column: how to read them as conversations."""
     if len(texts) < 2:
         return ""
     return (f". If these are conversations, set data_format='chat', instruction_column={texts[0]!r} and "
